@@ -1,0 +1,1 @@
+"""HTTP API and data layer of the ALLY labeling service (never imports worker/ or torch)."""

@@ -1,0 +1,1 @@
+"""Round execution (Celery tasks, embedded runner) and the learning library `worker.ally`."""
