@@ -1,8 +1,9 @@
 """Strategy names, as the API and the benchmark spell them, mapped to their classes."""
 
+from worker.ally.select import Ally
 from worker.ally.strategies import RandomSampling, Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (RandomSampling,)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Ally, RandomSampling)}
 
 
 def get_strategy(name: str, **params) -> Strategy:

@@ -2,13 +2,13 @@
 
 A strategy sees only what the trained model says about the labeled set and the pool
 (`Evidence`) and returns the `budget` pool items to label next (`Query`). Training is
-shared: every strategy is trained by `pdcl.train`, constrained only when the strategy
-needs dual variables (ALLY), so comparisons between strategies are fair.
+shared: every strategy is trained by `pdcl.train`, constrained only when the strategy asks
+for a constraint level (ALLY), so comparisons between strategies are fair.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -37,14 +37,18 @@ class Query:
     scores: np.ndarray  # [budget] the strategy's score of each (higher = more informative)
     clusters: np.ndarray | None = None  # [budget] k-means cluster of each, when clustered
     pool_scores: np.ndarray | None = None  # [N] score of every pool item (ALLY: predicted duals)
+    seconds: dict[str, float] = field(default_factory=dict)  # time of named sub-steps
 
 
 class Strategy:
     """Base class: subclasses set `name` and implement `select`."""
 
     name: ClassVar[str]
-    constrained: ClassVar[bool] = False  # train with PDCL constraints (duals) rather than ERM
     tasks: ClassVar[frozenset[str]] = frozenset({"classification", "regression"})
+
+    def constraint(self, task: Task) -> float | str | None:
+        """The ε to train with (see `pdcl.PDCLConfig.epsilon`); None: unconstrained ERM."""
+        return None
 
     def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
         raise NotImplementedError

@@ -1,0 +1,96 @@
+"""ALLY's query: predicted duals ranked within k-means clusters of the pool (paper §4.2, §5.1)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.cluster import MiniBatchKMeans
+
+from worker.ally.dual_head import DualHeadConfig, fit_dual_head
+from worker.ally.pdcl import DEFAULT_EPSILON, Task
+from worker.ally.strategies import Evidence, Query, Strategy
+
+
+def cluster(embeddings: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means cluster index [N] of each row of `embeddings` [N, d]."""
+    if k <= 1:
+        return np.zeros(len(embeddings), dtype=np.int64)
+    kmeans = MiniBatchKMeans(
+        n_clusters=k,
+        random_state=seed,
+        n_init=1,
+        batch_size=max(2048, 4 * k),
+        max_no_improvement=5,
+    )
+    return kmeans.fit_predict(np.ascontiguousarray(embeddings, dtype=np.float32)).astype(np.int64)
+
+
+def diverse_top(
+    scores: np.ndarray, clusters: np.ndarray, k: int, budget: int, cap: float | None = None
+) -> np.ndarray:
+    """Positions of `budget` distinct items: the top budget/k scores of each of the k clusters.
+
+    Clusters get equal quotas (the first budget mod k clusters one more). Items scoring above
+    `cap` rank after all others, so suspected outliers are taken only when nothing else is left.
+    Quotas a cluster cannot fill (too small or empty) are back-filled from the global ranking.
+    """
+    key = np.where(scores > cap, -np.inf, scores) if cap is not None else scores
+    order = np.argsort(-key, kind="stable")  # global ranking, best first
+    # Rank of each item within its cluster, by a stable regroup of the global ranking.
+    grouped = order[np.argsort(clusters[order], kind="stable")]
+    starts = np.searchsorted(clusters[grouped], clusters[grouped], side="left")
+    rank_in_cluster = np.empty(len(scores), dtype=np.int64)
+    rank_in_cluster[grouped] = np.arange(len(grouped)) - starts
+    quota = budget // k + (clusters < budget % k)
+    picked = order[rank_in_cluster[order] < quota[order]][:budget]
+    if len(picked) < budget:
+        rest = order[~np.isin(order, picked)]
+        picked = np.concatenate([picked, rest[: budget - len(picked)]])
+    # Present the query best first.
+    return picked[np.argsort(-key[picked], kind="stable")]
+
+
+@dataclass
+class Ally(Strategy):
+    """Active Learning via Lagrangian dualitY: query the items with the largest predicted duals.
+
+    `clusters` = k (default: the budget, the paper's choice); `dual_cap_quantile` passes over
+    items whose predicted dual is above that quantile of the pool's (paper §4.4, outliers);
+    `epsilon` = the constraint level for training (default per task, or "auto").
+    """
+
+    clusters: int | None = None
+    dual_cap_quantile: float | None = None
+    epsilon: float | str | None = None
+    head: DualHeadConfig = field(default_factory=DualHeadConfig)
+
+    name = "ally"
+
+    def constraint(self, task: Task) -> float | str | None:
+        return DEFAULT_EPSILON[task] if self.epsilon is None else self.epsilon
+
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+        self.check(evidence, budget)
+        k = min(self.clusters or budget, budget)
+        if k < 1:
+            raise ValueError(f"clusters must be at least 1, got {self.clusters}")
+        started = time.perf_counter()
+        head = fit_dual_head(evidence.labeled_embeddings, evidence.duals, seed, self.head)
+        predicted = head.predict(evidence.pool_embeddings)
+        head_seconds = time.perf_counter() - started
+        labels = cluster(evidence.pool_embeddings, k, seed)
+        cap = (
+            float(np.quantile(predicted, self.dual_cap_quantile))
+            if self.dual_cap_quantile is not None
+            else None
+        )
+        picked = diverse_top(predicted, labels, k, budget, cap)
+        return Query(
+            ids=evidence.pool_ids[picked],
+            scores=predicted[picked],
+            clusters=labels[picked],
+            pool_scores=predicted,
+            seconds={"dual_head": head_seconds},
+        )
