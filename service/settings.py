@@ -4,6 +4,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MiB = 1024 * 1024
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALLY_", env_file=".env", extra="ignore")
@@ -14,9 +16,28 @@ class Settings(BaseSettings):
     # Unset: rounds run in the embedded local process pool instead of Celery.
     broker_url: str | None = None
 
+    # Request limits. A body over max_body_bytes is refused before it is read.
+    max_body_bytes: int = 256 * MiB
+    max_image_bytes: int = 20 * MiB
+    # Checked from the image header, before any pixel is decoded (decompression bombs).
+    max_image_pixels: int = 25_000_000
+    max_files_per_upload: int = 1000
+    # Archives uploaded to /pools/{id}/import: limits on what they unpack to.
+    max_archive_unpacked_bytes: int = 1024 * MiB
+    max_archive_members: int = 200_000
+
+    # How long GET /queries/{round}?annotator=NAME reserves items for that annotator.
+    lease_seconds: int = 15 * 60
+    # Below this many labeled pool items a round starts cold (k-means coverage seeding).
+    min_labeled: int = 20
+
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'ally.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
 
 
 settings = Settings()
