@@ -1,0 +1,1 @@
+"""The HTTP layer: dependencies, routes and request limits."""

@@ -1,0 +1,165 @@
+import logging
+
+from fastapi import APIRouter, Response
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, func, select
+
+from service import jobs
+from service.api.deps import AdminDep, SessionDep
+from service.crud import get_pool, get_round, pool_counts
+from service.errors import (
+    BrokerUnavailable,
+    BudgetTooLarge,
+    NotEnoughLabels,
+    PoolNotFound,
+    RoundInProgress,
+    RoundNotCancellable,
+    RoundNotFound,
+    StrategyNotApplicable,
+    responses,
+)
+from service.models import ACTIVE_ROUND_STATUSES, Round, RoundStatus, utcnow
+from service.schemas import RoundCreate, RoundPublic, RoundsPublic
+from service.settings import settings
+from service.strategies import CLASSIFICATION_ONLY, COLD_START_SEEDING, supports
+
+router = APIRouter(tags=["rounds"])
+log = logging.getLogger(__name__)
+
+
+def round_public(round_: Round) -> RoundPublic:
+    return RoundPublic(**round_.model_dump(), percent=round(100 * round_.progress, 1))
+
+
+@router.post(
+    "/rounds",
+    status_code=202,
+    response_model=RoundPublic,
+    responses=responses(
+        PoolNotFound,
+        StrategyNotApplicable,
+        NotEnoughLabels,
+        BudgetTooLarge,
+        RoundInProgress,
+        BrokerUnavailable,
+    ),
+)
+def create_round(
+    *, session: SessionDep, key: AdminDep, body: RoundCreate, response: Response
+) -> RoundPublic:
+    """Start a round: it is queued for a worker; follow it at the `Location` URL.
+
+    With fewer labeled items than a round needs (`min_labeled`), the round starts cold:
+    its items are picked by k-means coverage of the pool (`seeding`), unless
+    `cold_start` is false, which makes it a 409.
+    """
+    pool = get_pool(session, body.pool_id)
+    strategy = body.strategy or pool.default_strategy
+    if not supports(strategy, pool.task):
+        raise StrategyNotApplicable(
+            f"strategy {strategy!r} works on classification pools only "
+            f"({', '.join(sorted(CLASSIFICATION_ONLY))}); pool {pool.id} is a {pool.task} pool"
+        )
+    active = session.exec(
+        select(Round.id).where(
+            Round.pool_id == pool.id, col(Round.status).in_(ACTIVE_ROUND_STATUSES)
+        )
+    ).first()
+    if active is not None:
+        raise RoundInProgress(
+            f"round {active} of pool {pool.id} is still queued or running; wait for it or cancel it"
+        )
+    counts = pool_counts(session, [body.pool_id])[body.pool_id]
+    seeding = None
+    if counts.labeled < settings.min_labeled:
+        if not body.cold_start:
+            raise NotEnoughLabels(
+                f"strategy {strategy!r} needs at least {settings.min_labeled} labeled items; "
+                f"pool {pool.id} has {counts.labeled}. Label more, or allow a cold start"
+            )
+        seeding = COLD_START_SEEDING
+    budget = body.budget or pool.default_budget
+    unlabeled = counts.items - counts.labeled
+    if budget > unlabeled:
+        raise BudgetTooLarge(
+            f"budget {budget} exceeds the {unlabeled} unlabeled items of pool {pool.id}"
+        )
+    params = body.params.model_dump(exclude_none=True)
+    if pool.default_epsilon is not None:
+        params.setdefault("epsilon", pool.default_epsilon)
+    number = session.exec(
+        select(func.coalesce(func.max(Round.number), 0)).where(Round.pool_id == pool.id)
+    ).one()
+    round_ = Round(
+        pool_id=body.pool_id,
+        number=number + 1,
+        strategy=strategy,
+        params=params,
+        budget=budget,
+        seed=body.seed,
+        seeding=seeding,
+        labeled_at_start=counts.labeled,
+        created_by=key.name,
+    )
+    session.add(round_)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise RoundInProgress(f"another round of pool {pool.id} was just created") from None
+    # The worker must find the row when the task arrives: commit before enqueueing.
+    session.commit()
+    try:
+        jobs.enqueue_round(round_.id)  # type: ignore[arg-type]
+    except Exception as e:
+        log.exception("could not enqueue round %s", round_.id)
+        round_.status = RoundStatus.failed
+        round_.error = f"could not reach the broker: {e}"
+        round_.finished_at = utcnow()
+        session.add(round_)
+        session.commit()
+        raise BrokerUnavailable(
+            f"round {round_.id} was not started: the task broker is unreachable ({e})"
+        ) from e
+    response.headers["Location"] = f"/rounds/{round_.id}"
+    return round_public(round_)
+
+
+@router.get("/rounds/{round_id}", response_model=RoundPublic, responses=responses(RoundNotFound))
+def read_round(*, session: SessionDep, key: AdminDep, round_id: int) -> RoundPublic:
+    """A round's status, phase, progress, timings, and its metrics once ready."""
+    return round_public(get_round(session, round_id))
+
+
+@router.get(
+    "/pools/{pool_id}/rounds", response_model=RoundsPublic, responses=responses(PoolNotFound)
+)
+def read_pool_rounds(*, session: SessionDep, key: AdminDep, pool_id: int) -> RoundsPublic:
+    """The pool's rounds, oldest first."""
+    get_pool(session, pool_id)
+    rounds = session.exec(
+        select(Round).where(Round.pool_id == pool_id).order_by(col(Round.number))
+    ).all()
+    return RoundsPublic(data=[round_public(r) for r in rounds], count=len(rounds))
+
+
+@router.post(
+    "/rounds/{round_id}/cancel",
+    response_model=RoundPublic,
+    responses=responses(RoundNotFound, RoundNotCancellable),
+)
+def cancel_round(*, session: SessionDep, key: AdminDep, round_id: int) -> RoundPublic:
+    """Cancel a queued or running round; its worker stops at the next checkpoint."""
+    round_ = get_round(session, round_id)
+    # Conditional, so a worker finishing the round at the same moment wins cleanly.
+    cancelled = session.execute(
+        update(Round)
+        .where(col(Round.id) == round_id, col(Round.status).in_(ACTIVE_ROUND_STATUSES))
+        .values(status=RoundStatus.cancelled, finished_at=utcnow())
+    )
+    if cancelled.rowcount == 0:  # type: ignore[attr-defined]
+        raise RoundNotCancellable(
+            f"round {round_id} is {round_.status}; only queued or running rounds can be cancelled"
+        )
+    session.refresh(round_)
+    return round_public(round_)

@@ -1,0 +1,78 @@
+"""Database helpers shared by the routes and the CLI. They flush, never commit."""
+
+from dataclasses import dataclass
+
+from sqlalchemy import distinct, func
+from sqlmodel import Session, col, select
+
+from service.errors import ItemNotFound, PoolNotFound, RoundNotFound
+from service.models import Item, Label, Pool, Round, Split
+
+
+def get_pool(session: Session, pool_id: int) -> Pool:
+    pool = session.get(Pool, pool_id)
+    if pool is None:
+        raise PoolNotFound(f"no pool {pool_id}")
+    return pool
+
+
+def get_item(session: Session, item_id: int) -> Item:
+    item = session.get(Item, item_id)
+    if item is None:
+        raise ItemNotFound(f"no item {item_id}")
+    return item
+
+
+def get_round(session: Session, round_id: int) -> Round:
+    round_ = session.get(Round, round_id)
+    if round_ is None:
+        raise RoundNotFound(f"no round {round_id}")
+    return round_
+
+
+@dataclass
+class PoolCounts:
+    items: int = 0
+    holdout: int = 0
+    labeled: int = 0
+    rounds: int = 0
+
+
+def pool_counts(session: Session, pool_ids: list[int]) -> dict[int, PoolCounts]:
+    """Item, holdout, labeled and round counts of each pool, in three grouped queries."""
+    counts = {pool_id: PoolCounts() for pool_id in pool_ids}
+    if not pool_ids:
+        return counts
+    by_split = session.exec(
+        select(Item.pool_id, Item.split, func.count())
+        .where(col(Item.pool_id).in_(pool_ids))
+        .group_by(col(Item.pool_id), col(Item.split))
+    )
+    for pool_id, split, n in by_split:
+        if split == Split.pool:
+            counts[pool_id].items = n
+        else:
+            counts[pool_id].holdout = n
+    labeled = session.exec(
+        select(Label.pool_id, func.count(distinct(Label.item_id)))
+        .join(Item, col(Item.id) == col(Label.item_id))
+        .where(col(Label.pool_id).in_(pool_ids), col(Item.split) == Split.pool)
+        .group_by(col(Label.pool_id))
+    )
+    for pool_id, n in labeled:
+        counts[pool_id].labeled = n
+    rounds = session.exec(
+        select(Round.pool_id, func.count())
+        .where(col(Round.pool_id).in_(pool_ids))
+        .group_by(col(Round.pool_id))
+    )
+    for pool_id, n in rounds:
+        counts[pool_id].rounds = n
+    return counts
+
+
+def label_value(label: Label) -> str | float:
+    if label.value_class is not None:
+        return label.value_class
+    assert label.value_number is not None
+    return label.value_number

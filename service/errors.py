@@ -1,0 +1,190 @@
+"""The service's errors: each class carries its HTTP status and a stable `error` code.
+
+Every error response, ours or FastAPI's, has the body {"error": "...", "detail": "..."}.
+"""
+
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"error": "PoolNotFound", "detail": "no pool 42"}]}
+    )
+
+    error: str
+    detail: Any
+
+
+class ServiceError(HTTPException):
+    """Base class: subclasses set `status_code` and may set `error` (default: the class name)."""
+
+    status_code: int = 400
+    error: str = ""
+
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=self.status_code, detail=detail, headers=headers)
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.error = cls.__name__
+
+
+class NotAuthenticated(ServiceError):
+    status_code = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class PoolNotFound(NotFound):
+    pass
+
+
+class ItemNotFound(NotFound):
+    pass
+
+
+class RoundNotFound(NotFound):
+    pass
+
+
+class KeyNotFound(NotFound):
+    pass
+
+
+class NoImage(NotFound):
+    pass
+
+
+class BadInput(ServiceError):
+    """The request is well-formed but makes no sense for this pool (400)."""
+
+    status_code = 400
+
+
+class InvalidLabel(BadInput):
+    pass
+
+
+class InvalidImage(BadInput):
+    pass
+
+
+class InvalidArchive(BadInput):
+    pass
+
+
+class WrongInputKind(BadInput):
+    pass
+
+
+class StrategyNotApplicable(BadInput):
+    pass
+
+
+class Conflict(ServiceError):
+    """The request clashes with the current state (409)."""
+
+    status_code = 409
+
+
+class PoolNameTaken(Conflict):
+    pass
+
+
+class NotEnoughLabels(Conflict):
+    pass
+
+
+class BudgetTooLarge(Conflict):
+    pass
+
+
+class RoundInProgress(Conflict):
+    pass
+
+
+class RoundNotCancellable(Conflict):
+    pass
+
+
+class RoundNotReady(Conflict):
+    pass
+
+
+class DatasetMismatch(Conflict):
+    pass
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+
+
+class ImageTooLarge(PayloadTooLarge):
+    pass
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+
+
+class Unavailable(ServiceError):
+    status_code = 503
+
+
+class BrokerUnavailable(Unavailable):
+    pass
+
+
+def responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: each status with the error codes it may carry."""
+    by_status: dict[int, list[str]] = {422: ["ValidationError"]}
+    for error in (NotAuthenticated, Forbidden, *errors):
+        by_status.setdefault(error.status_code, []).append(error.error)
+    return {
+        status: {
+            "model": ErrorBody,
+            "description": f"{HTTPStatus(status).phrase}: " + ", ".join(codes),
+        }
+        for status, codes in sorted(by_status.items())
+    }
+
+
+def _code(exc: HTTPException) -> str:
+    if isinstance(exc, ServiceError):
+        return exc.error
+    return HTTPStatus(exc.status_code).phrase.replace(" ", "").replace("-", "")
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": _code(exc), "detail": exc.detail},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Drop pydantic's echo of the input: it may be a large upload or a secret.
+    detail = [
+        {key: value for key, value in error.items() if key in ("loc", "msg", "type")}
+        for error in exc.errors()
+    ]
+    return JSONResponse({"error": "ValidationError", "detail": detail}, status_code=422)

@@ -1,0 +1,79 @@
+"""Checking uploaded images before anything is stored, and rendering array items as PNG."""
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage
+from service.models import BlobFormat
+
+FORMATS = {"PNG": BlobFormat.png, "JPEG": BlobFormat.jpeg}
+MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+MEDIA_TYPES = {BlobFormat.png: "image/png", BlobFormat.jpeg: "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: BlobFormat
+    shape: list[int]  # [H, W] or [H, W, C]
+    dtype: str
+
+
+def inspect_image(data: bytes, name: str, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """The format and shape of a PNG or JPEG upload, after decoding it fully.
+
+    The byte and pixel limits are checked before decoding: the header alone gives the size,
+    so a decompression bomb is refused without allocating its pixels.
+    """
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"{name}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, lower, pixel limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=list(FORMATS))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{name}: {e}") from e
+    except Exception as e:  # Pillow raises many types on a bad header
+        if data.startswith(MAGIC):
+            reason = "" if isinstance(e, UnidentifiedImageError) else f" ({e})"
+            raise InvalidImage(f"{name}: corrupt or truncated image{reason}") from e
+        raise InvalidImage(f"{name}: not a PNG or JPEG image") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of "
+                f"{max_pixels} pixels"
+            )
+        if width == 0 or height == 0:
+            raise InvalidImage(f"{name}: empty image")
+        try:
+            image.load()
+        except Exception as e:
+            raise InvalidImage(f"{name}: corrupt or truncated image ({e})") from e
+        bands = len(image.getbands())
+        dtype = "uint16" if image.mode.startswith("I;16") else "uint8"
+        shape = [height, width] if bands == 1 else [height, width, bands]
+        return ImageInfo(format=FORMATS[image.format], shape=shape, dtype=dtype)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as .npy bytes; the same array always gives the same bytes (and blob key)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def png_from_array(array: np.ndarray) -> bytes:
+    """A uint8 [H, W] or [H, W, 3] array as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
