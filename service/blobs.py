@@ -35,23 +35,26 @@ class BlobStore(Protocol):
 
 
 class FileBlobStore:
-    """Blobs as files root/ab/cd/abcd..., written atomically."""
+    """Blobs as files root/ab/abcd..., written atomically."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._made: set[Path] = set()  # shard folders known to exist (mkdir is a slow syscall)
 
     def _file(self, key: str) -> Path:
         # Keys come from our own hashes, but a path is never built from anything unchecked.
         if not _KEY.fullmatch(key):
             raise KeyError(f"not a blob key: {key!r}")
-        return self.root / key[:2] / key[2:4] / key
+        return self.root / key[:2] / key
 
     def put(self, data: bytes) -> str:
         key = blob_key(data)
         target = self._file(key)
         if target.exists():
             return key
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(target.parent)
         # Write then rename, so a reader never sees half a blob.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:

@@ -7,6 +7,7 @@ asks for `with_labels`, the pool split's labels as seed labels.
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def import_dataset(
     now = utcnow()
     item_rows: list[dict] = []
     answers: list[str | float | None] = []  # the label to store with each new item, if any
+    new_blobs: list[bytes] = []
     duplicates = 0
     for split, origin, ds in parts:
         store_labels = split == Split.holdout or with_labels
@@ -133,7 +135,7 @@ def import_dataset(
                 duplicates += 1
                 continue
             known.add(key)
-            blobs.put(data)
+            new_blobs.append(data)
             item_rows.append(
                 {
                     "pool_id": pool.id,
@@ -154,6 +156,10 @@ def import_dataset(
             else:
                 answers.append(float(ds.y[index]))
 
+    # Blob writes are small-file syscalls that release the GIL: threads overlap them.
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        for _ in executor.map(blobs.put, new_blobs):
+            pass
     item_ids: list[int] = []
     if item_rows:
         result = session.execute(

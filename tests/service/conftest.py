@@ -1,0 +1,132 @@
+"""The service's tests run on a real, migrated database, SQLite and PostgreSQL, with each
+test inside a transaction that is rolled back at the end (the handlers' commits only
+release savepoints)."""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy.exc import ProgrammingError
+from sqlmodel import Session
+
+from service.api.deps import get_blobs, get_db
+from service.app import create_app
+from service.auth import create_key
+from service.blobs import FileBlobStore
+from service.db import make_engine, migrate
+from service.models import Role
+from service.settings import settings
+
+PG_DATABASE = "ally_test_service"
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = make_engine(url)
+
+    # pysqlite begins transactions lazily and breaks SAVEPOINT; take over (SQLAlchemy's recipe).
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def _postgres_engine(server_url: str) -> Engine:
+    """An engine on our own database, created if absent, so other suites never see our rows."""
+    admin = make_engine(server_url)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        exists = connection.execute(
+            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": PG_DATABASE}
+        ).first()
+        if not exists:
+            # Another test process may create it first.
+            with contextlib.suppress(ProgrammingError):
+                connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
+    admin.dispose()
+    return make_engine(make_url(server_url).set(database=PG_DATABASE).render_as_string(False))
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        engine = _sqlite_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'service.db'}")
+    else:
+        engine = _postgres_engine(request.getfixturevalue("postgres_url"))
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def no_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedded mode unless a test says otherwise: nothing is sent anywhere."""
+    monkeypatch.setattr(settings, "broker_url", None)
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        session = Session(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        yield session
+        session.close()
+        transaction.rollback()
+
+
+@pytest.fixture
+def blobs(tmp_path: Any) -> FileBlobStore:
+    return FileBlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+def app(session: Session, blobs: FileBlobStore) -> FastAPI:
+    app = create_app(migrate_on_startup=False)
+
+    def test_db() -> Iterator[Session]:
+        # Like get_db, on the test's session: what the test set up counts as committed, the
+        # request's commit releases a savepoint, and its errors roll back to that savepoint.
+        session.commit()
+        try:
+            yield session
+            session.commit()
+        except Exception:
+            session.rollback()
+            raise
+
+    app.dependency_overrides[get_db] = test_db
+    app.dependency_overrides[get_blobs] = lambda: blobs
+    return app
+
+
+@pytest.fixture
+def client(app: FastAPI) -> TestClient:
+    return TestClient(app)
+
+
+def _bearer(session: Session, role: Role, name: str) -> dict[str, str]:
+    _, key = create_key(session, name=name, role=role)
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def admin(session: Session) -> dict[str, str]:
+    """Headers carrying an admin key."""
+    return _bearer(session, Role.admin, "root")
+
+
+@pytest.fixture
+def annotator(session: Session) -> dict[str, str]:
+    """Headers carrying an annotator key named alice."""
+    return _bearer(session, Role.annotator, "alice")
