@@ -95,6 +95,21 @@ def _images_to_tensor(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> 
     return out
 
 
+def input_tensors(
+    input_kind: str, reference: np.ndarray, *arrays: np.ndarray
+) -> list[torch.Tensor]:
+    """`arrays` as model inputs, standardised with the statistics of `reference`.
+
+    Images (uint8 [N,H,W(,3)]) become float32 [N,C,H,W] standardised per channel;
+    vectors [N,D] are standardised per feature.
+    """
+    if input_kind == "image":
+        mean, std = _channel_stats(reference)
+        return [_images_to_tensor(x, mean, std) for x in arrays]
+    mean, std = _mean_std(reference, axis=0)
+    return [torch.from_numpy(((x - mean) / std).astype(np.float32)) for x in arrays]
+
+
 def to_tensors(train: ArrayDataset, test: ArrayDataset) -> tuple[TensorDataset, TensorDataset]:
     """Both splits as tensors, standardised with statistics of `train` only."""
     if (train.task, train.input_kind, train.classes) != (test.task, test.input_kind, test.classes):
@@ -102,12 +117,7 @@ def to_tensors(train: ArrayDataset, test: ArrayDataset) -> tuple[TensorDataset, 
     if train.x.shape[1:] != test.x.shape[1:]:
         raise ValueError(f"train items {train.x.shape[1:]} differ from test {test.x.shape[1:]}")
 
-    if train.input_kind == "image":
-        mean, std = _channel_stats(train.x)
-        xs = [_images_to_tensor(ds.x, mean, std) for ds in (train, test)]
-    else:
-        mean, std = _mean_std(train.x, axis=0)
-        xs = [torch.from_numpy(((ds.x - mean) / std).astype(np.float32)) for ds in (train, test)]
+    xs = input_tensors(train.input_kind, train.x, train.x, test.x)
 
     target_mean, target_std = 0.0, 1.0
     if train.task == "regression":

@@ -23,7 +23,8 @@ class DualHeadConfig:
     weight_decay: float = 1e-2
     lr_decay: float = 0.95  # per epoch
     epochs: int = 150
-    batch_size: int = 128
+    max_steps: int = 600  # caps the optimizer steps on large labeled sets
+    batch_size: int = 256
     patience: int = 10  # epochs without a 1% better training loss
 
 
@@ -69,7 +70,18 @@ def fit_dual_head(
     embeddings: np.ndarray, duals: np.ndarray, seed: int, config: DualHeadConfig | None = None
 ) -> FittedDualHead:
     """Fit f_ω by MSE on (embedding, dual) pairs of the labeled set: [L, d], [L] -> head."""
-    config = config or DualHeadConfig()
+    # The head's matrices are tiny: extra intra-op threads only add synchronisation.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit(embeddings, duals, seed, config or DualHeadConfig())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(
+    embeddings: np.ndarray, duals: np.ndarray, seed: int, config: DualHeadConfig
+) -> FittedDualHead:
     h = torch.as_tensor(embeddings, dtype=torch.float32)
     mean, std = h.mean(0), h.std(0, correction=0).clamp_min(1e-6)
     scale = float(np.max(duals)) if len(duals) else 0.0
@@ -79,14 +91,17 @@ def fit_dual_head(
     torch.manual_seed(seed)
     net = DualHead(h.shape[1], config)
     x, target = (h - mean) / std, torch.as_tensor(duals, dtype=torch.float32) / scale
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        net.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
+    )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     generator = torch.Generator().manual_seed(seed)
     n = len(x)
     batches = max(1, -(-n // config.batch_size))
     best, stale, epochs = float("inf"), 0, 0
     net.train()
-    for epochs in range(1, config.epochs + 1):  # noqa: B007 (the count is reported)
+    max_epochs = min(config.epochs, max(1, config.max_steps // batches))
+    for epochs in range(1, max_epochs + 1):  # noqa: B007 (the count is reported)
         total = 0.0
         # Near-equal batches: BatchNorm cannot train on a batch of one.
         for batch in torch.randperm(n, generator=generator).tensor_split(batches):
