@@ -1,0 +1,303 @@
+"""Adding items (image uploads, JSON vectors), reading them back, and refusing bad uploads
+without storing anything."""
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageFile
+from sqlmodel import Session, select
+
+from service.blobs import FileBlobStore
+from service.errors import ImageTooLarge
+from service.images import inspect_image
+from service.models import InputKind, Item, Split, Task
+from service.settings import settings
+from tests.service.factories import image_bytes, make_items, make_pool, row_counts
+
+
+def _files(*blobs: bytes, name: str = "img") -> list[tuple[str, tuple[str, bytes]]]:
+    return [("files", (f"{name}{i}.png", data)) for i, data in enumerate(blobs)]
+
+
+def _stored(blobs: FileBlobStore) -> int:
+    return sum(1 for p in blobs.root.rglob("*") if p.is_file()) if blobs.root.exists() else 0
+
+
+def test_upload_png_and_jpeg_images(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session)
+    png, jpeg = image_bytes(1, (8, 6)), image_bytes(2, (5, 4), "JPEG")
+    response = client.post(
+        f"/pools/{pool.id}/items",
+        files=[("files", ("a.png", png)), ("files", ("b.jpg", jpeg))],
+        data={"split": "holdout", "meta": '{"batch": 7}'},
+        headers=admin,
+    )
+    assert response.status_code == 201, response.text
+    created = response.json()["created"]
+    assert [c["format"] for c in created] == ["png", "jpeg"]
+    assert created[0]["shape"] == [6, 8, 3] and created[1]["shape"] == [4, 5, 3]
+    assert all(c["split"] == "holdout" and c["kind"] == "image" for c in created)
+    assert created[0]["meta"] == {"batch": 7, "filename": "a.png"}
+    assert created[0]["image_url"].endswith(f"/items/{created[0]['id']}/image")
+    # Stored as the original bytes, under their hash.
+    assert blobs.get(created[0]["sha256"]) == png
+    image = client.get(f"/items/{created[1]['id']}/image", headers=admin)
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.content == jpeg
+
+
+def test_duplicates_are_detected_by_hash(client: TestClient, session: Session, admin: dict) -> None:
+    pool = make_pool(session)
+    first = client.post(f"/pools/{pool.id}/items", files=_files(image_bytes(1)), headers=admin)
+    existing = first.json()["created"][0]["id"]
+    again = client.post(
+        f"/pools/{pool.id}/items",
+        files=_files(image_bytes(2), image_bytes(1), image_bytes(2)),
+        headers=admin,
+    )
+    assert again.status_code == 201
+    body = again.json()
+    assert len(body["created"]) == 1
+    new = body["created"][0]["id"]
+    assert [(d["index"], d["item_id"]) for d in body["duplicates"]] == [(1, existing), (2, new)]
+    assert len(session.exec(select(Item).where(Item.pool_id == pool.id)).all()) == 2
+
+
+def test_the_same_image_may_be_in_two_pools(
+    client: TestClient, session: Session, admin: dict
+) -> None:
+    a, b = make_pool(session), make_pool(session)
+    for pool in (a, b):
+        response = client.post(
+            f"/pools/{pool.id}/items", files=_files(image_bytes(1)), headers=admin
+        )
+        assert len(response.json()["created"]) == 1
+
+
+def test_add_vectors_as_json(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session, task=Task.regression, input_kind=InputKind.vector)
+    response = client.post(
+        f"/pools/{pool.id}/items",
+        json={"vectors": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.5]], "meta": [{"id": "a"}, {"id": "b"}]},
+        headers=admin,
+    )
+    assert response.status_code == 201, response.text
+    created = response.json()["created"]
+    assert [c["shape"] for c in created] == [[3], [3]]
+    assert created[1]["meta"] == {"id": "b"} and created[1]["image_url"] is None
+    item = client.get(f"/items/{created[1]['id']}", headers=admin).json()
+    assert item["vector"] == [4.0, 5.0, 6.5] and item["format"] == "npy"
+
+
+def test_read_an_array_image_as_png(
+    client: TestClient, session: Session, blobs: FileBlobStore, annotator: dict
+) -> None:
+    pool = make_pool(session)
+    [item] = make_items(session, blobs, pool, 1)
+    response = client.get(f"/items/{item.id}/image", headers=annotator)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["etag"] == f'"{item.sha256}"'
+    pixels = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert pixels.shape == (8, 8) and pixels.dtype == np.uint8
+    body = client.get(f"/items/{item.id}", headers=annotator).json()
+    assert body["sha256"] == item.sha256 and body["split"] == "pool" and body["vector"] is None
+
+
+def test_a_vector_has_no_image(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session, task=Task.regression, input_kind=InputKind.vector)
+    [item] = make_items(session, blobs, pool, 1)
+    response = client.get(f"/items/{item.id}/image", headers=admin)
+    assert response.status_code == 404 and response.json()["error"] == "NoImage"
+
+
+@pytest.mark.parametrize("path", ["/items/424242", "/items/424242/image"])
+def test_unknown_item_is_404(client: TestClient, admin: dict, path: str) -> None:
+    response = client.get(path, headers=admin)
+    assert response.status_code == 404 and response.json()["error"] == "ItemNotFound"
+
+
+def _bomb() -> bytes:
+    """A valid PNG header declaring 12000x12000 pixels, with almost no data behind it."""
+    buffer = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+GOOD = image_bytes(5, (16, 16))
+
+
+@pytest.mark.parametrize(
+    ("upload", "status", "error"),
+    [
+        (GOOD[: len(GOOD) // 2], 400, "InvalidImage"),
+        (GOOD[:40], 400, "InvalidImage"),
+        (b"%PDF-1.4 definitely not an image", 400, "InvalidImage"),
+        (image_bytes(6, (4, 4), "GIF"), 400, "InvalidImage"),
+        (image_bytes(7, (4, 4), "BMP"), 400, "InvalidImage"),
+        (GOOD.replace(b"IDAT", b"IDAX"), 400, "InvalidImage"),
+        (_bomb(), 413, "ImageTooLarge"),
+    ],
+    ids=["truncated", "header only", "not an image", "gif", "bmp", "corrupt chunk", "bomb"],
+)
+def test_bad_uploads_are_refused_and_nothing_is_stored(
+    client: TestClient,
+    session: Session,
+    blobs: FileBlobStore,
+    admin: dict,
+    upload: bytes,
+    status: int,
+    error: str,
+) -> None:
+    pool = make_pool(session)
+    before = row_counts(session)
+    # A good image first: the whole batch is refused, not just the bad file.
+    response = client.post(
+        f"/pools/{pool.id}/items",
+        files=[("files", ("good.png", image_bytes(8))), ("files", ("bad.png", upload))],
+        headers=admin,
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error
+    assert "bad.png" in response.json()["detail"]
+    assert row_counts(session) == before
+    assert _stored(blobs) == 0
+
+
+def test_the_bomb_is_refused_from_its_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pixel limit holds before decoding: a decoded 12000x12000 image would take 144 MB."""
+    bomb = _bomb()
+
+    def no_decoding(self: Image.Image) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageTooLarge, match="exceeds the limit"):
+        inspect_image(bomb, "bomb.png", 10**9, 10**6)
+
+
+def test_images_over_the_byte_limit_are_413(
+    client: TestClient,
+    session: Session,
+    blobs: FileBlobStore,
+    admin: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings, "max_image_bytes", 100)
+    pool = make_pool(session)
+    before = row_counts(session)
+    response = client.post(f"/pools/{pool.id}/items", files=_files(GOOD), headers=admin)
+    assert response.status_code == 413 and response.json()["error"] == "ImageTooLarge"
+    assert row_counts(session) == before and _stored(blobs) == 0
+
+
+def test_images_over_the_pixel_limit_are_413(
+    client: TestClient, session: Session, admin: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "max_image_pixels", 100)
+    pool = make_pool(session)
+    before = row_counts(session)
+    response = client.post(f"/pools/{pool.id}/items", files=_files(GOOD), headers=admin)
+    assert response.status_code == 413 and "16x16" in response.json()["detail"]
+    assert row_counts(session) == before
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "status", "error"),
+    [
+        ("image", {"vectors": [[1.0]]}, 400, "WrongInputKind"),
+        ("vector", "files", 400, "WrongInputKind"),
+        ("vector", {"vectors": [[1.0, 2.0], [3.0]]}, 422, "ValidationError"),
+        ("vector", {"vectors": []}, 422, "ValidationError"),
+        ("vector", '{"vectors": [[1.0, NaN]]}', 422, "ValidationError"),
+        ("vector", '{"vectors": [[1.0, Infinity]]}', 422, "ValidationError"),
+        ("vector", {"vectors": [[1e39]]}, 400, "BadInput"),
+        ("vector", {"vectors": [[1.0]], "meta": [{}, {}]}, 422, "ValidationError"),
+        ("vector", "{not json", 422, "ValidationError"),
+        ("image", "no files", 422, "ValidationError"),
+        ("image", "split", 422, "ValidationError"),
+    ],
+    ids=[
+        "vectors into an image pool",
+        "images into a vector pool",
+        "ragged vectors",
+        "no vectors",
+        "NaN",
+        "infinity",
+        "float32 overflow",
+        "meta length",
+        "broken JSON",
+        "multipart without files",
+        "unknown split",
+    ],
+)
+def test_bad_item_bodies_are_refused_and_store_nothing(
+    client: TestClient,
+    session: Session,
+    blobs: FileBlobStore,
+    admin: dict,
+    kind: str,
+    body: object,
+    status: int,
+    error: str,
+) -> None:
+    if kind == "image":
+        pool = make_pool(session)
+    else:
+        pool = make_pool(session, task=Task.regression, input_kind=InputKind.vector)
+    before = row_counts(session)
+    url = f"/pools/{pool.id}/items"
+    if body == "files":
+        response = client.post(url, files=_files(GOOD), headers=admin)
+    elif body == "no files":
+        response = client.post(url, files={"other": ("x.txt", b"x")}, headers=admin)
+    elif body == "split":
+        response = client.post(url, files=_files(GOOD), data={"split": "train"}, headers=admin)
+    elif isinstance(body, str):
+        headers = {**admin, "content-type": "application/json"}
+        response = client.post(url, content=body, headers=headers)
+    else:
+        response = client.post(url, json=body, headers=admin)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error
+    assert row_counts(session) == before and _stored(blobs) == 0
+
+
+def test_vectors_must_match_the_pool_dimension(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session, task=Task.regression, input_kind=InputKind.vector)
+    make_items(session, blobs, pool, 1)  # 4 values each
+    before = row_counts(session)
+    response = client.post(f"/pools/{pool.id}/items", json={"vectors": [[1.0, 2.0]]}, headers=admin)
+    assert response.status_code == 400 and "4" in response.json()["detail"]
+    assert row_counts(session) == before
+
+
+def test_other_media_types_are_415(client: TestClient, session: Session, admin: dict) -> None:
+    pool = make_pool(session)
+    response = client.post(
+        f"/pools/{pool.id}/items", content=GOOD, headers={**admin, "content-type": "image/png"}
+    )
+    assert response.status_code == 415 and response.json()["error"] == "UnsupportedMediaType"
+
+
+def test_items_of_an_unknown_pool_is_404(client: TestClient, admin: dict) -> None:
+    response = client.post("/pools/31337/items", files=_files(GOOD), headers=admin)
+    assert response.status_code == 404 and response.json()["error"] == "PoolNotFound"
+
+
+def test_holdout_split_is_recorded(client: TestClient, session: Session, admin: dict) -> None:
+    pool = make_pool(session)
+    client.post(
+        f"/pools/{pool.id}/items", files=_files(GOOD), data={"split": "holdout"}, headers=admin
+    )
+    item = session.exec(select(Item).where(Item.pool_id == pool.id)).one()
+    assert item.split == Split.holdout

@@ -1,0 +1,126 @@
+"""Creating, listing and reading pools; refused pool definitions store nothing."""
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from service.blobs import FileBlobStore
+from service.models import RoundStatus, Split
+from tests.service.factories import make_items, make_label, make_pool, make_round, row_counts
+
+MNIST = {
+    "name": "mnist",
+    "task": "classification",
+    "classes": [str(d) for d in range(10)],
+    "input_kind": "image",
+    "model_spec": {"network": "lenet"},
+    "default_budget": 50,
+}
+
+
+def test_create_pool_returns_it_with_zero_counts(client: TestClient, admin: dict) -> None:
+    response = client.post("/pools", json=MNIST, headers=admin)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["name"] == "mnist" and body["classes"] == MNIST["classes"]
+    assert body["model_spec"] == {"network": "lenet"} and body["default_budget"] == 50
+    assert body["default_strategy"] == "ally"
+    assert (body["items"], body["labeled"], body["holdout"], body["rounds"]) == (0, 0, 0, 0)
+    assert body["created_at"].endswith("Z") or body["created_at"].endswith("+00:00")
+
+
+def test_a_regression_pool_has_a_target_and_no_classes(client: TestClient, admin: dict) -> None:
+    response = client.post(
+        "/pools",
+        json={
+            "name": "updrs",
+            "task": "regression",
+            "target": "total UPDRS",
+            "input_kind": "vector",
+        },
+        headers=admin,
+    )
+    assert response.status_code == 201
+    assert response.json()["classes"] is None and response.json()["target"] == "total UPDRS"
+
+
+def test_read_pool_counts_items_labels_holdout_and_rounds(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session)
+    items = make_items(session, blobs, pool, 5)
+    holdout = make_items(session, blobs, pool, 2, split=Split.holdout, start=50)
+    make_label(session, items[0], "1")
+    make_label(session, items[0], "2")  # a second label of the same item: still one item
+    make_label(session, items[1], "3")
+    make_label(session, holdout[0], "4")  # holdout labels do not count as labeled
+    make_round(session, pool, status=RoundStatus.ready)
+    response = client.get(f"/pools/{pool.id}", headers=admin)
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["items"], body["labeled"], body["holdout"], body["rounds"]) == (5, 2, 2, 1)
+
+
+def test_list_pools_pages_with_counts(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pools = [make_pool(session, name=f"p{i}") for i in range(3)]
+    make_items(session, blobs, pools[1], 2)
+    page = client.get("/pools?offset=1&limit=1", headers=admin).json()
+    assert page["count"] == 3
+    assert [p["name"] for p in page["data"]] == ["p1"]
+    assert page["data"][0]["items"] == 2
+
+
+def test_unknown_pool_is_404(client: TestClient, admin: dict) -> None:
+    response = client.get("/pools/987654", headers=admin)
+    assert response.status_code == 404
+    assert response.json() == {"error": "PoolNotFound", "detail": "no pool 987654"}
+
+
+BAD_POOLS: list[tuple[str, dict[str, Any]]] = [
+    ("classification without classes", {**MNIST, "classes": None}),
+    ("one class", {**MNIST, "classes": ["only"]}),
+    ("repeated classes", {**MNIST, "classes": ["a", "a"]}),
+    ("regression with classes", {**MNIST, "task": "regression"}),
+    ("unknown task", {**MNIST, "task": "ranking"}),
+    ("unknown input kind", {**MNIST, "input_kind": "audio"}),
+    ("unknown strategy", {**MNIST, "default_strategy": "magic"}),
+    (
+        "classification-only strategy on regression",
+        {"name": "r", "task": "regression", "input_kind": "vector", "default_strategy": "entropy"},
+    ),
+    ("empty name", {**MNIST, "name": "  "}),
+    ("zero budget", {**MNIST, "default_budget": 0}),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in BAD_POOLS], ids=[n for n, _ in BAD_POOLS])
+def test_bad_pool_definitions_are_422_and_store_nothing(
+    client: TestClient, session: Session, admin: dict, body: dict
+) -> None:
+    before = row_counts(session)
+    response = client.post("/pools", json=body, headers=admin)
+    assert response.status_code == 422
+    assert response.json()["error"] == "ValidationError"
+    assert row_counts(session) == before
+
+
+def test_unknown_strategy_error_lists_the_valid_names(client: TestClient, admin: dict) -> None:
+    response = client.post("/pools", json={**MNIST, "default_strategy": "magic"}, headers=admin)
+    message = str(response.json()["detail"])
+    for name in ("ally", "random", "entropy", "margin", "badge", "coreset"):
+        assert name in message
+
+
+def test_a_duplicate_pool_name_is_409_and_stores_nothing(
+    client: TestClient, session: Session, admin: dict
+) -> None:
+    assert client.post("/pools", json=MNIST, headers=admin).status_code == 201
+    before = row_counts(session)
+    response = client.post("/pools", json={**MNIST, "classes": ["a", "b"]}, headers=admin)
+    assert response.status_code == 409
+    assert response.json()["error"] == "PoolNameTaken" and "mnist" in response.json()["detail"]
+    assert row_counts(session) == before
