@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     # Below this many labeled pool items a round starts cold (k-means coverage seeding).
     min_labeled: int = 20
 
+    # Workers: a round's lease lasts this long unless its worker's heartbeat renews it; a
+    # round whose worker stopped responding is run again, at most round_max_attempts times.
+    round_lease_seconds: int = 60
+    round_max_attempts: int = 3
+    # Celery: hard limit on one round, below the broker's redelivery (visibility) timeout.
+    round_time_limit_seconds: int = 3 * 3600
+    broker_visibility_timeout_seconds: int = 4 * 3600
+
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'ally.db'}"

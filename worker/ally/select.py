@@ -56,12 +56,12 @@ def diverse_top(
 class Ally(Strategy):
     """Active Learning via Lagrangian dualitY: query the items with the largest predicted duals.
 
-    `clusters` = k (default: the budget, the paper's choice); `dual_cap_quantile` passes over
+    `k` clusters (default: the budget, the paper's choice); `dual_cap_quantile` passes over
     items whose predicted dual is above that quantile of the pool's (paper §4.4, outliers);
     `epsilon` = the constraint level for training (default per task, or "auto").
     """
 
-    clusters: int | None = None
+    k: int | None = None
     dual_cap_quantile: float | None = None
     epsilon: float | str | None = None
     head: DualHeadConfig = field(default_factory=DualHeadConfig)
@@ -73,9 +73,9 @@ class Ally(Strategy):
 
     def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
         self.check(evidence, budget)
-        k = min(self.clusters or budget, budget)
+        k = min(self.k or budget, budget)
         if k < 1:
-            raise ValueError(f"clusters must be at least 1, got {self.clusters}")
+            raise ValueError(f"k must be at least 1, got {self.k}")
         started = time.perf_counter()
         head = fit_dual_head(evidence.labeled_embeddings, evidence.duals, seed, self.head)
         predicted = head.predict(evidence.pool_embeddings)
@@ -94,3 +94,20 @@ class Ally(Strategy):
             pool_scores=predicted,
             seconds={"dual_head": head_seconds},
         )
+
+
+def kmeans_coverage(features: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """Positions of `budget` items covering the pool: the item nearest each k-means centre.
+
+    The cold-start query, when too few labels exist to train a model: `features` [N, d] are
+    untrained (e.g. PCA of the raw inputs).
+    """
+    kmeans = MiniBatchKMeans(n_clusters=budget, random_state=seed, n_init=1, batch_size=4096)
+    labels = kmeans.fit_predict(np.ascontiguousarray(features, dtype=np.float32))
+    distance = np.linalg.norm(features - kmeans.cluster_centers_[labels], axis=1)
+    order = np.lexsort((distance, labels))  # by cluster, nearest to its centre first
+    first = order[np.r_[True, labels[order][1:] != labels[order][:-1]]]
+    if len(first) < budget:  # empty clusters: the next most central items overall
+        rest = np.argsort(distance, kind="stable")
+        first = np.concatenate([first, rest[~np.isin(rest, first)][: budget - len(first)]])
+    return first[:budget]
