@@ -1,0 +1,249 @@
+"""Starting, reading, listing and cancelling rounds; what a refused round leaves behind."""
+
+import json
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from service import jobs
+from service.blobs import FileBlobStore
+from service.models import InputKind, Round, RoundStatus, Task
+from service.settings import settings
+from tests.service.factories import make_items, make_label, make_pool, make_round, row_counts
+
+
+@pytest.fixture
+def pool_with_labels(session: Session, blobs: FileBlobStore):  # type: ignore[no-untyped-def]
+    """A pool of 40 items, 25 of them labeled (more than min_labeled)."""
+    pool = make_pool(session, default_budget=5)
+    items = make_items(session, blobs, pool, 40)
+    for item in items[:25]:
+        make_label(session, item, "1")
+    return pool
+
+
+def test_create_round_queues_it_and_points_to_it(
+    client: TestClient, session: Session, admin: dict, pool_with_labels
+) -> None:
+    response = client.post(
+        "/rounds",
+        json={
+            "pool_id": pool_with_labels.id,
+            "strategy": "margin",
+            "budget": 10,
+            "seed": 3,
+            "params": {"epsilon": 0.2, "k": 4},
+        },
+        headers=admin,
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["location"] == f"/rounds/{body['id']}"
+    assert body["status"] == "queued" and body["number"] == 1 and body["percent"] == 0
+    assert (body["strategy"], body["budget"], body["seed"]) == ("margin", 10, 3)
+    assert body["params"] == {"epsilon": 0.2, "k": 4}
+    assert body["seeding"] is None and body["labeled_at_start"] == 25
+    stored = session.get(Round, body["id"])
+    assert (
+        stored is not None and stored.status == RoundStatus.queued and stored.created_by == "root"
+    )
+    assert client.get(response.headers["location"], headers=admin).json()["id"] == body["id"]
+
+
+def test_round_defaults_come_from_the_pool(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session, default_strategy="coreset", default_budget=3, default_epsilon=0.5)
+    make_items(session, blobs, pool, 5)
+    body = client.post("/rounds", json={"pool_id": pool.id}, headers=admin).json()
+    assert (body["strategy"], body["budget"], body["params"]) == ("coreset", 3, {"epsilon": 0.5})
+
+
+def test_too_few_labels_start_a_cold_round(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session)
+    make_items(session, blobs, pool, 10)
+    body = client.post("/rounds", json={"pool_id": pool.id, "budget": 4}, headers=admin).json()
+    assert body["seeding"] == "kmeans-coverage" and body["labeled_at_start"] == 0
+
+
+def test_too_few_labels_without_cold_start_is_409_naming_the_counts(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session)
+    items = make_items(session, blobs, pool, 10)
+    for item in items[:3]:
+        make_label(session, item, "2")
+    before = row_counts(session)
+    response = client.post(
+        "/rounds", json={"pool_id": pool.id, "budget": 2, "cold_start": False}, headers=admin
+    )
+    assert response.status_code == 409 and response.json()["error"] == "NotEnoughLabels"
+    detail = response.json()["detail"]
+    assert f"at least {settings.min_labeled}" in detail and "has 3" in detail
+    assert row_counts(session) == before
+
+
+def test_a_budget_larger_than_the_unlabeled_pool_is_409(
+    client: TestClient, session: Session, admin: dict, pool_with_labels
+) -> None:
+    before = row_counts(session)
+    response = client.post(
+        "/rounds", json={"pool_id": pool_with_labels.id, "budget": 16}, headers=admin
+    )
+    assert response.status_code == 409 and response.json()["error"] == "BudgetTooLarge"
+    assert "15 unlabeled" in response.json()["detail"]
+    assert row_counts(session) == before
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "margin", "badge"])
+def test_classification_only_strategies_refuse_regression_pools(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict, strategy: str
+) -> None:
+    pool = make_pool(session, task=Task.regression, input_kind=InputKind.vector)
+    make_items(session, blobs, pool, 5)
+    before = row_counts(session)
+    response = client.post(
+        "/rounds", json={"pool_id": pool.id, "strategy": strategy, "budget": 1}, headers=admin
+    )
+    assert response.status_code == 400 and response.json()["error"] == "StrategyNotApplicable"
+    assert "classification" in response.json()["detail"]
+    assert row_counts(session) == before
+
+
+@pytest.mark.parametrize("strategy", ["ally", "random", "coreset"])
+def test_other_strategies_serve_regression_pools(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict, strategy: str
+) -> None:
+    pool = make_pool(session, task=Task.regression, input_kind=InputKind.vector)
+    make_items(session, blobs, pool, 5)
+    response = client.post(
+        "/rounds", json={"pool_id": pool.id, "strategy": strategy, "budget": 1}, headers=admin
+    )
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"strategy": "magic"},
+        {"budget": 0},
+        {"params": {"epsilon": -1}},
+        {"params": {"k": 0}},
+        {"cold_start": "perhaps"},
+    ],
+    ids=["unknown strategy", "zero budget", "negative epsilon", "zero k", "bad flag"],
+)
+def test_malformed_round_requests_are_422(
+    client: TestClient, session: Session, admin: dict, pool_with_labels, body: dict
+) -> None:
+    before = row_counts(session)
+    response = client.post("/rounds", json={"pool_id": pool_with_labels.id, **body}, headers=admin)
+    assert response.status_code == 422
+    if "strategy" in body:
+        assert "coreset" in json.dumps(response.json()["detail"])
+    assert row_counts(session) == before
+
+
+def test_a_round_on_an_unknown_pool_is_404(
+    client: TestClient, session: Session, admin: dict
+) -> None:
+    before = row_counts(session)
+    response = client.post("/rounds", json={"pool_id": 55555}, headers=admin)
+    assert response.status_code == 404 and response.json()["error"] == "PoolNotFound"
+    assert row_counts(session) == before
+
+
+def test_one_active_round_per_pool(
+    client: TestClient, session: Session, admin: dict, pool_with_labels
+) -> None:
+    first = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
+    assert first.status_code == 202
+    before = row_counts(session)
+    second = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
+    assert second.status_code == 409 and second.json()["error"] == "RoundInProgress"
+    assert row_counts(session) == before
+    client.post(f"/rounds/{first.json()['id']}/cancel", headers=admin)
+    third = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
+    assert third.status_code == 202 and third.json()["number"] == 2
+
+
+def test_read_and_list_rounds(
+    client: TestClient, session: Session, admin: dict, pool_with_labels
+) -> None:
+    done = make_round(session, pool_with_labels, metrics={"accuracy": 0.9, "labeled": 25})
+    done.progress, done.phase, done.timings = 1.0, "done", {"train": 3.5}
+    session.add(done)
+    make_round(session, pool_with_labels, status=RoundStatus.failed)
+    body = client.get(f"/rounds/{done.id}", headers=admin).json()
+    assert body["percent"] == 100 and body["metrics"]["accuracy"] == 0.9
+    assert body["timings"] == {"train": 3.5} and body["phase"] == "done"
+    listed = client.get(f"/pools/{pool_with_labels.id}/rounds", headers=admin).json()
+    assert listed["count"] == 2 and [r["number"] for r in listed["data"]] == [1, 2]
+    assert client.get("/rounds/999999", headers=admin).json()["error"] == "RoundNotFound"
+    assert client.get("/pools/999999/rounds", headers=admin).status_code == 404
+
+
+@pytest.mark.parametrize("status", [RoundStatus.queued, RoundStatus.running])
+def test_cancel_an_active_round(
+    client: TestClient, session: Session, admin: dict, pool_with_labels, status: RoundStatus
+) -> None:
+    round_ = make_round(session, pool_with_labels, status=status)
+    response = client.post(f"/rounds/{round_.id}/cancel", headers=admin)
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
+
+
+@pytest.mark.parametrize("status", [RoundStatus.ready, RoundStatus.failed, RoundStatus.cancelled])
+def test_a_finished_round_cannot_be_cancelled(
+    client: TestClient, session: Session, admin: dict, pool_with_labels, status: RoundStatus
+) -> None:
+    round_ = make_round(session, pool_with_labels, status=status)
+    response = client.post(f"/rounds/{round_.id}/cancel", headers=admin)
+    assert response.status_code == 409 and response.json()["error"] == "RoundNotCancellable"
+    session.refresh(round_)
+    assert round_.status == status
+    assert client.post("/rounds/999999/cancel", headers=admin).status_code == 404
+
+
+def test_with_a_broker_the_round_is_sent_by_task_name_after_commit(
+    client: TestClient,
+    session: Session,
+    admin: dict,
+    pool_with_labels,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = redis.Redis.from_url(redis_url)
+    broker.delete(jobs.QUEUE)
+    monkeypatch.setattr(settings, "broker_url", redis_url)
+    response = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
+    assert response.status_code == 202
+    raw = broker.lpop(jobs.QUEUE)
+    assert raw is not None
+    message = json.loads(raw)
+    assert message["headers"]["task"] == "ally.run_round"
+    assert message["headers"]["argsrepr"] == f"[{response.json()['id']}]"
+    broker.close()
+
+
+def test_an_unreachable_broker_is_503_and_the_round_is_marked_failed(
+    client: TestClient,
+    session: Session,
+    admin: dict,
+    pool_with_labels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings, "broker_url", "redis://127.0.0.1:1/0")
+    response = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
+    assert response.status_code == 503 and response.json()["error"] == "BrokerUnavailable"
+    [round_] = client.get(f"/pools/{pool_with_labels.id}/rounds", headers=admin).json()["data"]
+    assert round_["status"] == "failed" and "broker" in round_["error"]
+
+
+def test_without_a_broker_enqueue_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "_celery", lambda url: pytest.fail("no broker, no Celery"))
+    jobs.enqueue_round(1)
