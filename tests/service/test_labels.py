@@ -1,0 +1,246 @@
+"""POST /labels (validation, rounds, seed labels, idempotence) and the label export."""
+
+import csv
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from service.blobs import FileBlobStore
+from service.models import InputKind, Item, Label, Pool, Round, Split, Task
+from tests.service.factories import make_items, make_label, make_pool, make_round, row_counts
+
+
+@pytest.fixture
+def digits(session: Session, blobs: FileBlobStore) -> tuple[Round, list[Item]]:
+    """A ready round on a digit pool that queried 3 of its 5 items."""
+    pool = make_pool(session)
+    items = make_items(session, blobs, pool, 5)
+    return make_round(session, pool, queried=items[:3]), items
+
+
+@pytest.fixture
+def regression(session: Session, blobs: FileBlobStore) -> tuple[Round, list[Item]]:
+    pool = make_pool(session, task=Task.regression, input_kind=InputKind.vector)
+    items = make_items(session, blobs, pool, 3)
+    return make_round(session, pool, queried=items), items
+
+
+def test_one_label(client: TestClient, annotator: dict, digits) -> None:
+    round_, items = digits
+    response = client.post(
+        "/labels",
+        json={"item_id": items[0].id, "value": "7", "round_id": round_.id},
+        headers=annotator,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["created"] == 1
+    [label] = body["data"]
+    assert (label["value"], label["annotator"], label["round_id"]) == ("7", "alice", round_.id)
+
+
+def test_many_labels_default_to_the_round_that_queried_them(
+    client: TestClient, session: Session, annotator: dict, digits
+) -> None:
+    round_, items = digits
+    response = client.post(
+        "/labels",
+        json=[{"item_id": items[0].id, "value": "1"}, {"item_id": items[1].id, "value": 2}],
+        headers=annotator,
+    )
+    assert response.status_code == 200, response.text
+    assert [(x["value"], x["round_id"]) for x in response.json()["data"]] == [
+        ("1", round_.id),
+        ("2", round_.id),  # a number naming a class is read as that class
+    ]
+    assert len(session.exec(select(Label)).all()) == 2
+
+
+def test_the_latest_round_that_queried_an_item_is_the_default(
+    client: TestClient, session: Session, annotator: dict, digits
+) -> None:
+    _, items = digits
+    pool = session.get(Pool, items[0].pool_id)
+    assert pool is not None
+    later = make_round(session, pool, queried=[items[0]])
+    body = client.post(
+        "/labels", json={"item_id": items[0].id, "value": "3"}, headers=annotator
+    ).json()
+    assert body["data"][0]["round_id"] == later.id
+
+
+def test_repeating_a_label_is_idempotent_and_changing_it_keeps_history(
+    client: TestClient, session: Session, annotator: dict, digits
+) -> None:
+    _, items = digits
+    label = {"item_id": items[0].id, "value": "4"}
+    first = client.post("/labels", json=label, headers=annotator).json()
+    again = client.post("/labels", json=label, headers=annotator).json()
+    assert again["created"] == 0 and again["data"][0]["id"] == first["data"][0]["id"]
+    changed = client.post("/labels", json={**label, "value": "5"}, headers=annotator).json()
+    assert changed["created"] == 1
+    back = client.post("/labels", json=label, headers=annotator).json()
+    assert back["created"] == 1  # back to 4: a new label, since the current one is 5
+    values = [x.value_class for x in session.exec(select(Label).order_by(Label.id)).all()]
+    assert values == ["4", "5", "4"]
+
+
+def test_another_annotators_identical_label_is_recorded(
+    client: TestClient, annotator: dict, digits
+) -> None:
+    _, items = digits
+    label = {"item_id": items[0].id, "value": "4"}
+    client.post("/labels", json=label, headers=annotator)
+    other = client.post("/labels", json={**label, "annotator": "bob"}, headers=annotator).json()
+    assert other["created"] == 1 and other["data"][0]["annotator"] == "bob"
+
+
+def test_regression_labels(client: TestClient, annotator: dict, regression) -> None:
+    _, items = regression
+    body = client.post(
+        "/labels",
+        json=[{"item_id": items[0].id, "value": 21.5}, {"item_id": items[1].id, "value": -3}],
+        headers=annotator,
+    ).json()
+    assert [x["value"] for x in body["data"]] == [21.5, -3.0]
+
+
+def test_admins_give_seed_labels_outside_rounds(
+    client: TestClient, session: Session, admin: dict, digits
+) -> None:
+    _, items = digits
+    body = client.post("/labels", json={"item_id": items[4].id, "value": "9"}, headers=admin).json()
+    assert body["data"][0]["round_id"] is None and body["data"][0]["annotator"] == "root"
+
+
+def test_admins_label_the_holdout(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session)
+    [item] = make_items(session, blobs, pool, 1, split=Split.holdout)
+    response = client.post("/labels", json={"item_id": item.id, "value": "0"}, headers=admin)
+    assert response.status_code == 200
+    assert client.get(f"/pools/{pool.id}", headers=admin).json()["labeled"] == 0
+
+
+def _refused(
+    client: TestClient, session: Session, headers: dict, body: object, status: int, error: str
+) -> str:
+    before = row_counts(session)
+    if isinstance(body, str):
+        response = client.post(
+            "/labels", content=body, headers={**headers, "content-type": "application/json"}
+        )
+    else:
+        response = client.post("/labels", json=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error
+    assert row_counts(session) == before
+    return str(response.json()["detail"])
+
+
+def test_annotators_cannot_give_seed_labels(
+    client: TestClient, session: Session, annotator: dict, digits
+) -> None:
+    _, items = digits
+    detail = _refused(
+        client, session, annotator, {"item_id": items[4].id, "value": "1"}, 403, "Forbidden"
+    )
+    assert "admins" in detail
+
+
+def test_a_class_not_in_the_pool_is_refused(
+    client: TestClient, session: Session, annotator: dict, digits
+) -> None:
+    _, items = digits
+    batch = [{"item_id": items[0].id, "value": "1"}, {"item_id": items[1].id, "value": "cat"}]
+    detail = _refused(client, session, annotator, batch, 400, "InvalidLabel")
+    assert "'cat'" in detail and "not a class" in detail
+
+
+@pytest.mark.parametrize("value", [3.5, -1, 10])
+def test_numbers_that_name_no_class_are_refused(
+    client: TestClient, session: Session, annotator: dict, digits, value: float
+) -> None:
+    _, items = digits
+    _refused(
+        client, session, annotator, {"item_id": items[0].id, "value": value}, 400, "InvalidLabel"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [("NaN", "finite"), ("Infinity", "finite"), ("-Infinity", "finite"), ('"tall"', "number")],
+)
+def test_bad_regression_targets_are_refused(
+    client: TestClient, session: Session, annotator: dict, regression, raw: str, words: str
+) -> None:
+    _, items = regression
+    good, bad = items[0].id, items[1].id
+    body = f'[{{"item_id": {good}, "value": 1.0}}, {{"item_id": {bad}, "value": {raw}}}]'
+    assert words in _refused(client, session, annotator, body, 400, "InvalidLabel")
+
+
+def test_unknown_items_are_404(
+    client: TestClient, session: Session, annotator: dict, digits
+) -> None:
+    _, items = digits
+    batch = [{"item_id": items[0].id, "value": "1"}, {"item_id": 987654, "value": "1"}]
+    assert "987654" in _refused(client, session, annotator, batch, 404, "ItemNotFound")
+
+
+def test_a_round_that_did_not_query_the_item_is_refused(
+    client: TestClient, session: Session, annotator: dict, digits
+) -> None:
+    round_, items = digits
+    body = {"item_id": items[4].id, "value": "1", "round_id": round_.id}
+    assert "not queried" in _refused(client, session, annotator, body, 400, "InvalidLabel")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[], {"value": "1"}, {"item_id": "x", "value": "1"}, {"item_id": 1, "value": None}, "{broken"],
+    ids=["empty batch", "no item", "bad item id", "no value", "broken JSON"],
+)
+def test_malformed_label_bodies_are_422(
+    client: TestClient, session: Session, annotator: dict, body: object
+) -> None:
+    _refused(client, session, annotator, body, 422, "ValidationError")
+
+
+def test_export_latest_labels_as_jsonl_and_csv(
+    client: TestClient, session: Session, admin: dict, digits
+) -> None:
+    round_, items = digits
+    make_label(session, items[0], "1", annotator="alice", round_id=round_.id)
+    make_label(session, items[0], "2", annotator="bob", round_id=round_.id)
+    make_label(session, items[1], "3")
+    pool_id = items[0].pool_id
+    jsonl = client.get(f"/pools/{pool_id}/labels", headers=admin)
+    assert jsonl.headers["content-type"].startswith("application/x-ndjson")
+    rows = [json.loads(line) for line in jsonl.text.splitlines()]
+    assert [(r["item_id"], r["value"], r["annotator"]) for r in rows] == [
+        (items[0].id, "2", "bob"),
+        (items[1].id, "3", "seed"),
+    ]
+    assert rows[0]["sha256"] == items[0].sha256 and rows[0]["split"] == "pool"
+    csv_response = client.get(f"/pools/{pool_id}/labels?format=csv", headers=admin)
+    assert csv_response.headers["content-type"].startswith("text/csv")
+    assert "attachment" in csv_response.headers["content-disposition"]
+    table = list(csv.DictReader(io.StringIO(csv_response.text)))
+    assert [(int(r["item_id"]), r["value"]) for r in table] == [
+        (items[0].id, "2"),
+        (items[1].id, "3"),
+    ]
+    history = client.get(f"/pools/{pool_id}/labels?history=true", headers=admin).text.splitlines()
+    assert len(history) == 3
+
+
+def test_export_of_an_unknown_pool_or_format(client: TestClient, admin: dict, digits) -> None:
+    _, items = digits
+    assert client.get("/pools/999999/labels", headers=admin).status_code == 404
+    response = client.get(f"/pools/{items[0].pool_id}/labels?format=xml", headers=admin)
+    assert response.status_code == 422
