@@ -72,7 +72,9 @@ def read_folder(folder: Path, max_pixels: int) -> dict[str, ArrayDataset]:
         return datasets.read_image_folder_splits(root)
     except (ValueError, FileNotFoundError) as e:
         # The readers name the file; drop our temporary folder from the message.
-        raise InvalidArchive(str(e).replace(f"{folder}/", "").replace(str(folder), ".")) from e
+        raise InvalidArchive(
+            str(e).replace(f"{folder}/", "").replace(str(folder), "archive")
+        ) from e
 
 
 def _check_fits(pool: Pool, ds: ArrayDataset, source: str) -> None:
