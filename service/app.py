@@ -1,16 +1,19 @@
 """The FastAPI application: `uvicorn service.app:app` (or `ally serve`)."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from service.api.limits import BodyLimit
 from service.api.routes import curves, health, items, keys, labels, pools, queries, rounds
 from service.db import migrate
 from service.errors import http_error_handler, validation_error_handler
+from service.schemas import ImportRequest, VectorItemsCreate
 from service.settings import settings
 
 DESCRIPTION = """
@@ -28,6 +31,28 @@ async def _migrate_on_startup(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+# Bodies read by content type (service/api/payloads.py): the routes refer to these schemas
+# in openapi_extra, so they must be in the spec's components although no parameter uses them.
+EXTRA_SCHEMAS: tuple[type[BaseModel], ...] = (VectorItemsCreate, ImportRequest)
+
+
+def _openapi_with_extra_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = generate()
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in EXTRA_SCHEMAS:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in schema.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = schema
+        return app.openapi_schema  # type: ignore[return-value]
+
+    return openapi
+
+
 def create_app(*, migrate_on_startup: bool = True) -> FastAPI:
     app = FastAPI(
         title="ALLY labeling service",
@@ -40,6 +65,7 @@ def create_app(*, migrate_on_startup: bool = True) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     for module in (pools, items, rounds, queries, labels, curves, keys, health):
         app.include_router(module.router)
+    app.openapi = _openapi_with_extra_schemas(app)  # type: ignore[method-assign]
     return app
 
 

@@ -1,0 +1,79 @@
+"""The blob store, the migrations, and archive extraction, below the HTTP layer."""
+
+import io
+import zipfile
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, inspect
+from sqlmodel import SQLModel
+
+from service.archives import extract
+from service.blobs import FileBlobStore, blob_key
+from service.errors import InvalidArchive, PayloadTooLarge
+
+
+def test_blobs_are_content_addressed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = FileBlobStore(tmp_path)
+    key = store.put(b"hello")
+    assert key == blob_key(b"hello") and len(key) == 64
+    assert store.put(b"hello") == key  # idempotent
+    assert store.get(key) == b"hello" and store.exists(key)
+    path = store.path(key)
+    assert path is not None and path.read_bytes() == b"hello" and tmp_path in path.parents
+    assert not store.exists(blob_key(b"other")) and store.path(blob_key(b"other")) is None
+    with pytest.raises(KeyError):
+        store.get(blob_key(b"other"))
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "ab", "A" * 64, "/" + "a" * 63])
+def test_blob_keys_never_become_arbitrary_paths(tmp_path, key: str) -> None:  # type: ignore[no-untyped-def]
+    store = FileBlobStore(tmp_path)
+    with pytest.raises(KeyError):
+        store.get(key)
+    with pytest.raises(KeyError):
+        store.exists(key)
+
+
+def test_the_migrations_create_exactly_the_models(engine: Engine) -> None:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, SQLModel.metadata) == []
+        tables = set(inspect(connection).get_table_names())
+    assert {"pools", "items", "labels", "rounds", "queries", "model_versions"} <= tables
+    assert {"dual_values", "api_keys", "alembic_version"} <= tables
+
+
+def test_the_pool_split_index_exists(engine: Engine) -> None:
+    with engine.connect() as connection:
+        indexes = {i["name"]: i["column_names"] for i in inspect(connection).get_indexes("items")}
+    assert indexes["ix_items_pool_id_split"] == ["pool_id", "split"]
+
+
+def _zip(files: dict[str, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    buffer.seek(0)
+    return buffer
+
+
+def test_extract_keeps_the_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    extract(_zip({"a/b.txt": b"1", "a/c/d.txt": b"22"}), tmp_path, max_bytes=10, max_members=5)
+    assert (tmp_path / "a" / "c" / "d.txt").read_bytes() == b"22"
+
+
+def test_extract_counts_real_bytes_and_members(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PayloadTooLarge):
+        extract(_zip({"big": b"\0" * 1000}), tmp_path / "x", max_bytes=999, max_members=5)
+    with pytest.raises(PayloadTooLarge):
+        extract(_zip({str(i): b"" for i in range(6)}), tmp_path / "y", max_bytes=10, max_members=5)
+
+
+def test_extract_refuses_paths_out_of_the_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidArchive):
+        extract(_zip({"a/../../escape": b"1"}), tmp_path / "z", max_bytes=10, max_members=5)
+    assert not (tmp_path / "escape").exists()
