@@ -1,9 +1,18 @@
 """Request and response bodies of the HTTP API (pydantic; no FastAPI, no database)."""
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StringConstraints,
+    model_validator,
+)
 
 from service.datasets import PACKAGED
 from service.models import InputKind, Role, RoundStatus, Split, Task
@@ -12,6 +21,22 @@ from service.strategies import CLASSIFICATION_ONLY, StrategyName, supports
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 MAX_PAGE = 500
+
+
+def _finite(value: Any) -> Any:
+    """Refuse NaN and infinities anywhere inside: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    if isinstance(value, dict):
+        for item in value.values():
+            _finite(item)
+    elif isinstance(value, list):
+        for item in value:
+            _finite(item)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_finite)]
 
 
 def _examples(*examples: dict[str, Any]) -> ConfigDict:
@@ -49,7 +74,7 @@ class PoolCreate(BaseModel):
         default=None, max_length=200, description="What a regression target measures."
     )
     input_kind: InputKind
-    model_spec: dict[str, Any] = Field(default_factory=dict, description="Options for training.")
+    model_spec: JsonObject = Field(default_factory=dict, description="Options for training.")
     default_strategy: StrategyName = "ally"
     default_budget: int = Field(default=100, ge=1)
     default_epsilon: FiniteFloat | None = Field(default=None, gt=0)
@@ -119,7 +144,7 @@ class VectorItemsCreate(BaseModel):
 
     vectors: list[list[FiniteFloat]] = Field(min_length=1, max_length=100_000)
     split: Split = Split.pool
-    meta: list[dict[str, Any]] | None = Field(
+    meta: list[JsonObject] | None = Field(
         default=None, description="One object per vector, stored with the item."
     )
 
@@ -187,6 +212,11 @@ class RoundParams(BaseModel):
 
     epsilon: FiniteFloat | None = Field(default=None, gt=0, description="ALLY's constraint level.")
     k: int | None = Field(default=None, ge=1, description="Clusters to spread the picks over.")
+
+    @model_validator(mode="after")
+    def _extras_finite(self) -> "RoundParams":
+        _finite(self.model_extra or {})
+        return self
 
 
 class RoundCreate(BaseModel):

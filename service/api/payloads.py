@@ -16,7 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from service.errors import ImageTooLarge, UnsupportedMediaType
 from service.models import Split
-from service.schemas import ImportRequest, VectorItemsCreate
+from service.schemas import ImportRequest, JsonObject, VectorItemsCreate
 from service.settings import settings
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -70,7 +70,7 @@ class _FormFields(BaseModel):
     """The non-file fields of a multipart form, validated like a JSON body."""
 
     split: Split = Split.pool
-    meta: dict[str, Any] = {}
+    meta: JsonObject = {}
     with_labels: bool = False
     holdout_fraction: float = 0.0
     seed: int = 0

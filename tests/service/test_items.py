@@ -223,6 +223,8 @@ def test_images_over_the_pixel_limit_are_413(
         ("vector", "{not json", 422, "ValidationError"),
         ("image", "no files", 422, "ValidationError"),
         ("image", "split", 422, "ValidationError"),
+        ("image", "meta", 422, "ValidationError"),
+        ("vector", '{"vectors": [[1.0]], "meta": [{"x": NaN}]}', 422, "ValidationError"),
     ],
     ids=[
         "vectors into an image pool",
@@ -236,6 +238,8 @@ def test_images_over_the_pixel_limit_are_413(
         "broken JSON",
         "multipart without files",
         "unknown split",
+        "NaN in form meta",
+        "NaN in JSON meta",
     ],
 )
 def test_bad_item_bodies_are_refused_and_store_nothing(
@@ -260,6 +264,8 @@ def test_bad_item_bodies_are_refused_and_store_nothing(
         response = client.post(url, files={"other": ("x.txt", b"x")}, headers=admin)
     elif body == "split":
         response = client.post(url, files=_files(GOOD), data={"split": "train"}, headers=admin)
+    elif body == "meta":
+        response = client.post(url, files=_files(GOOD), data={"meta": '{"x": NaN}'}, headers=admin)
     elif isinstance(body, str):
         headers = {**admin, "content-type": "application/json"}
         response = client.post(url, content=body, headers=headers)

@@ -134,14 +134,19 @@ def test_other_strategies_serve_regression_pools(
         {"params": {"epsilon": -1}},
         {"params": {"k": 0}},
         {"cold_start": "perhaps"},
+        {"params": {"temperature": float("inf")}},
     ],
-    ids=["unknown strategy", "zero budget", "negative epsilon", "zero k", "bad flag"],
+    ids=["unknown strategy", "zero budget", "negative epsilon", "zero k", "bad flag", "inf param"],
 )
 def test_malformed_round_requests_are_422(
     client: TestClient, session: Session, admin: dict, pool_with_labels, body: dict
 ) -> None:
     before = row_counts(session)
-    response = client.post("/rounds", json={"pool_id": pool_with_labels.id, **body}, headers=admin)
+    response = client.post(
+        "/rounds",
+        content=json.dumps({"pool_id": pool_with_labels.id, **body}),
+        headers={**admin, "content-type": "application/json"},
+    )
     assert response.status_code == 422
     if "strategy" in body:
         assert "coreset" in json.dumps(response.json()["detail"])
