@@ -1,6 +1,7 @@
 """The operator's commands for the service, registered on `ally` by worker/cli.py:
 `ally keys create|list|revoke`, `ally serve`, and `ally import`."""
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -8,8 +9,10 @@ from pathlib import Path
 import typer
 from sqlmodel import Session
 
+from service import archives
 from service.auth import create_key, list_keys, revoke_key
 from service.blobs import FileBlobStore
+from service.crud import get_pool
 from service.db import get_engine, migrate
 from service.errors import ServiceError
 from service.importing import import_dataset, read_folder
@@ -78,7 +81,9 @@ def serve(
 
 def import_items(
     path: Path = typer.Argument(
-        ..., exists=True, help="IDX files, or an image folder with one sub-folder per class"
+        ...,
+        exists=True,
+        help="a folder (or zip/tar of one) of IDX files, or of images in one sub-folder per class",
     ),
     pool: int = typer.Option(..., "--pool", help="the pool's id"),
     with_labels: bool = typer.Option(False, help="store the pool split's labels as seed labels"),
@@ -87,13 +92,21 @@ def import_items(
     ),
     seed: int = typer.Option(0, help="seed of the holdout split"),
 ) -> None:
-    """Import a local dataset folder into a pool (a test/ split becomes the holdout)."""
-    from service.crud import get_pool
-
+    """Import a local dataset folder or archive into a pool (a test/ split becomes the holdout)."""
     try:
-        with _session() as session:
+        with _session() as session, tempfile.TemporaryDirectory(prefix="ally-import-") as tmp:
             target = get_pool(session, pool)
-            splits = read_folder(path, settings.max_image_pixels)
+            folder = path
+            if path.is_file():
+                with path.open("rb") as archive:
+                    archives.extract(
+                        archive,
+                        Path(tmp),
+                        max_bytes=settings.max_archive_unpacked_bytes,
+                        max_members=settings.max_archive_members,
+                    )
+                folder = Path(tmp)
+            splits = read_folder(folder, settings.max_image_pixels)
             result = import_dataset(
                 session,
                 FileBlobStore(settings.blob_dir),

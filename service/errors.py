@@ -131,6 +131,10 @@ class DatasetMismatch(Conflict):
     pass
 
 
+class ConcurrentUpload(Conflict):
+    pass
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
 

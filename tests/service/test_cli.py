@@ -1,5 +1,7 @@
 """`ally keys`, `ally import` and `ally serve`, run through typer on a temporary database."""
 
+import io
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,21 @@ def test_serve_runs_uvicorn_on_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--port", "9000"])
     assert result.exit_code == 0, result.output
     assert calls == [(("service.app:app",), {"host": "0.0.0.0", "port": 9000, "workers": 1})]
+
+
+def test_import_a_local_archive(data_dir: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "digits.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for label in ("0", "1"):
+            buffer = io.BytesIO()
+            Image.new("L", (4, 4), color=int(label) * 200).save(buffer, format="PNG")
+            z.writestr(f"digits/{label}/x.png", buffer.getvalue())
+    migrate()
+    with Session(get_engine()) as session:
+        pool = Pool(name="zip", task="classification", classes=["0", "1"], input_kind="image")
+        session.add(pool)
+        session.commit()
+        pool_id = pool.id
+    result = runner.invoke(app, ["import", "--pool", str(pool_id), str(archive), "--with-labels"])
+    assert result.exit_code == 0, result.output
+    assert "added 2 to pool, 0 to holdout; 0 duplicates; 2 labels" in result.stdout

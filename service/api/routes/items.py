@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from service import archives, datasets
@@ -14,6 +15,7 @@ from service.blobs import BlobStore, blob_key
 from service.crud import get_item, get_pool
 from service.errors import (
     BadInput,
+    ConcurrentUpload,
     DatasetMismatch,
     ImageTooLarge,
     InvalidArchive,
@@ -186,7 +188,12 @@ def _store(
         first_index[key] = len(created)
         created.append(make(i))
     session.add_all(created)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        raise ConcurrentUpload(
+            "another request added some of these items at the same moment; retry"
+        ) from None
     ids = {**existing, **{key: created[j].id for key, j in first_index.items()}}
     return ItemsCreated(
         created=[item_public(request, item) for item in created],
@@ -200,7 +207,13 @@ def _store(
     response_model=ItemsCreated,
     openapi_extra=_UPLOAD_BODY,
     responses=responses(
-        PoolNotFound, InvalidImage, WrongInputKind, ImageTooLarge, UnsupportedMediaType
+        PoolNotFound,
+        BadInput,
+        InvalidImage,
+        WrongInputKind,
+        ImageTooLarge,
+        UnsupportedMediaType,
+        ConcurrentUpload,
     ),
 )
 def create_items(
