@@ -21,8 +21,16 @@ def _celery(broker_url: str) -> "Celery":
     # Fail fast when the broker is down rather than hang the request retrying.
     client.conf.broker_connection_retry = False
     client.conf.broker_connection_timeout = 2
-    client.conf.broker_transport_options = {"socket_connect_timeout": 2, "socket_timeout": 2}
+    client.conf.broker_transport_options = broker_options() | {
+        "socket_connect_timeout": 2,
+        "socket_timeout": 2,
+    }
     return client
+
+
+def broker_options() -> dict[str, float]:
+    """Transport options every Celery client and worker must share (celery#5935, #7651)."""
+    return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
 
 
 def enqueue_round(round_id: int) -> None:

@@ -4,10 +4,15 @@ from pathlib import Path
 
 import typer
 
+from service import cli as service_cli
+from service.settings import settings
+
 app = typer.Typer(
     help="ALLY labeling service: active learning via Lagrangian duality.",
     no_args_is_help=True,
 )
+app.add_typer(service_cli.keys_app, name="keys")
+app.command("import")(service_cli.import_items)
 
 
 @app.callback()
@@ -16,12 +21,55 @@ def main() -> None:
 
 
 @app.command()
-def demo() -> None:
-    """Run the whole active-learning loop on a real dataset and plot the learning curve."""
-    typer.echo(
-        "ally demo: the learning engine and the service are still being built; "
-        "this command will run the full loop once they exist."
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    workers: int = typer.Option(1, help="API server processes"),
+    round_processes: int = typer.Option(
+        1, help="without ALLY_BROKER_URL: local processes that run rounds"
+    ),
+) -> None:
+    """Run the HTTP API (Swagger UI at /docs); without a broker, also run rounds locally."""
+    if settings.broker_url:
+        service_cli.serve(host=host, port=port, workers=workers)
+        return
+    from worker.embedded import EmbeddedRunner
+
+    with EmbeddedRunner(processes=round_processes):
+        service_cli.serve(host=host, port=port, workers=workers)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("gpu", help="comma-separated Celery queues to consume"),
+    concurrency: int = typer.Option(1, help="rounds run at once by this worker"),
+    loglevel: str = typer.Option("info", help="Celery log level"),
+) -> None:
+    """Run a Celery worker for rounds (needs ALLY_BROKER_URL)."""
+    if not settings.broker_url:
+        raise typer.BadParameter("set ALLY_BROKER_URL (e.g. redis://127.0.0.1:6379/0) first")
+    from worker.celery_app import app as celery
+
+    celery.worker_main(
+        ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
     )
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-output"), help="folder for the data and the plot"),
+    data: Path | None = typer.Option(
+        None, help="a folder of MNIST IDX files to use instead of the 5,000 packaged images"
+    ),
+    rounds: int = typer.Option(6, min=2, help="rounds, the first one a cold start"),
+    budget: int = typer.Option(100, min=1, help="images queried per round"),
+    strategy: str = typer.Option("ally", help="query strategy"),
+    port: int | None = typer.Option(None, help="API port (default: a free one)"),
+) -> None:
+    """Run the whole active-learning loop through the REST API and plot the learning curve."""
+    from worker.demo import run
+
+    run(out, data, rounds, budget, strategy, port)
 
 
 @app.command()
@@ -62,3 +110,7 @@ def bench(
     markdown = learning_curves.table(rows, results["metric"])
     (out / "table.md").write_text(markdown + "\n")
     typer.echo(markdown)
+
+
+if __name__ == "__main__":
+    app()

@@ -140,3 +140,26 @@ def due_rounds(limit: int = 100) -> list[int]:
             .limit(limit)
         ).all()
         return [i for i in ids if i is not None]
+
+
+def resend_due(older_than_seconds: float) -> list[int]:
+    """Due rounds not touched for `older_than_seconds`, touched now so one sweeper sends each.
+
+    For a queued round `heartbeat_at` records the last time a worker sent or touched it.
+    """
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    taken = []
+    with Session(get_engine()) as session:
+        for round_id in due_rounds():
+            touched = session.execute(
+                update(Round)
+                .where(
+                    col(Round.id) == round_id,
+                    or_(col(Round.heartbeat_at).is_(None), col(Round.heartbeat_at) < cutoff),
+                )
+                .values(heartbeat_at=utcnow())
+            )
+            if touched.rowcount == 1:
+                taken.append(round_id)
+        session.commit()
+    return taken
