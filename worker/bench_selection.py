@@ -226,8 +226,9 @@ What is measured: each strategy's `select` alone (no training, no prediction).
   (Linux `VmHWM`, reset through `/proc/self/clear_refs`); the pool's own arrays, {pool_mb:,.0f}
   MB at {largest:,} items, are not counted.
 - Machine: {_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch
-  on CPU; measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC while other jobs shared the
-  machine (single calls varied up to 3× between repeats).
+  on CPU; measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Other jobs shared the machine:
+  1-minute load average {args.load[0]:.1f} at the start and {args.load[1]:.1f} at the end
+  (2 cores), and single calls can vary 3× between repeats.
 
 {table(results)}
 
@@ -269,6 +270,7 @@ def main() -> None:
     strategies = args.strategies.split(",") if args.strategies else default_strategies()
     command = ".venv/bin/python -m worker.bench_selection " + shlex.join(sys.argv[1:])
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     results = []
     for pool in args.sizes:
         for budget in budgets:
@@ -281,6 +283,7 @@ def main() -> None:
                 )
                 print(f"{strategy:>8} {pool:>9,} {budget:>5,}  {shown}", flush=True)
     args.minutes_hint = max(1, round((time.perf_counter() - started) / 60))
+    args.load = (load_at_start, os.getloadavg()[0])
     print()
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +293,7 @@ def main() -> None:
         "classes": CLASSES,
         "labeled": args.labeled,
         "cpu_count": os.cpu_count(),
+        "load_average_1min": {"start": args.load[0], "end": args.load[1]},
         "measured_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "results": results,
     }
