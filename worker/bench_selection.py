@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.ally.strategies import Evidence
+from worker.ally.strategies import Evidence, Strategy
 
 DIM = 128
 CLASSES = 10
@@ -86,7 +86,7 @@ def _reset_peak_rss() -> bool:
 
 
 def measure(
-    strategy: str, pool: int, budget: int, labeled: int, repeats: int = 3, seed: int = 0
+    chosen: Strategy, pool: int, budget: int, labeled: int, repeats: int = 3, seed: int = 0
 ) -> dict:
     """Time and peak extra memory of `select`, in this process: the best of `repeats` calls.
 
@@ -95,10 +95,8 @@ def measure(
     """
     import torch  # imported here so the parent process stays light
 
-    from worker.ally.registry import get_strategy
-
+    strategy = chosen.name
     evidence = synthetic_evidence(pool, labeled, seed)
-    chosen = get_strategy(strategy)
     chosen.select(synthetic_evidence(2_000, 100, seed + 1), 10, seed)  # warm-up
     walls: list[float] = []
     cpus: list[float] = []
@@ -262,7 +260,10 @@ def main() -> None:
 
     if args.case:
         strategy, pool, budget = args.case.split(",")
-        print(json.dumps(measure(strategy, int(pool), int(budget), args.labeled)))
+        from worker.ally.registry import get_strategy
+
+        chosen = get_strategy(strategy)
+        print(json.dumps(measure(chosen, int(pool), int(budget), args.labeled)))
         return
 
     args.sizes = [int(s) for s in args.sizes.split(",")]

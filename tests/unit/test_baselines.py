@@ -264,16 +264,20 @@ MEMORY_LIMIT_MB = 200  # the N × (C·d) matrix alone would be 200,000 × 1,280 
 
 def test_badge_and_coreset_memory_stays_bounded_on_200k_items():
     """Peak RSS of `select` above the RSS before it, each in a fresh process (d=128, C=10)."""
-    command = [sys.executable, "-m", "worker.bench_selection", "--labeled", "200", "--case"]
+    child = (
+        "import json; from worker.ally.baselines import {0};"
+        "from worker.bench_selection import measure;"
+        "print(json.dumps(measure({0}(), 200_000, 50, labeled=200, repeats=1)))"
+    )
     runs = {
         name: subprocess.Popen(
-            [*command, f"{name},200000,50"],
+            [sys.executable, "-c", child.format(name)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name in ("badge", "coreset")
+        for name in ("BADGE", "Coreset")
     }
     for name, run in runs.items():
         out, err = run.communicate(timeout=120)
