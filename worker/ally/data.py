@@ -10,7 +10,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from service.datasets import (
     split,
 )
 
-DATASETS: tuple[str, ...] = ("mnist", "cifar10", "parkinsons", *PACKAGED)
+DATASETS: tuple[str, ...] = ("mnist", "cifar10", "parkinsons", "parkinsons-rows", *PACKAGED)
 # Where developers and CI keep the real datasets, relative to the project root.
 DEFAULT_DATA_ROOT = Path("../shared/data")
 TEST_FRACTION = 0.2
@@ -221,20 +221,24 @@ def load(
     """The named benchmark dataset as (train, test) tensors.
 
     mnist and cifar10 keep their official test split; parkinsons is split 80/20 by
-    subject and the packaged sets 80/20 stratified, both seeded by `seed`.
+    subject (new patients) and parkinsons-rows by recording (new recordings of enrolled
+    patients, the telemonitoring case); the packaged sets 80/20 stratified; all seeded.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if name in PACKAGED:
         splits = packaged(name)
     else:
-        folder = _data_path(name, path)
+        folder = _data_path(name.removesuffix("-rows"), path)
         if name == "mnist":
             splits = read_mnist(folder)
         elif name == "cifar10":
             splits = read_image_folder_splits(_image_root(folder))
         else:
-            splits = {"train": read_parkinsons(folder)}
+            recordings = read_parkinsons(folder)
+            if name == "parkinsons-rows":
+                recordings = replace(recordings, groups=None)
+            splits = {"train": recordings}
     if "test" in splits:
         train, test = splits["train"], splits["test"]
     else:
