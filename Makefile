@@ -33,11 +33,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Full benchmarks read ../shared/data (or DATA=PATH); see docs/benchmarks/README.md.
+# The reports in docs/benchmarks/ (about 40 minutes on 2 cores); DATA=PATH for your own copies.
 DATA ?= ../shared/data
+BENCH := $(BIN)/ally bench --strategies ally,random --init 200 --budget 200 --rounds 5 --seeds 3
 bench: $(STAMP)
-	$(BIN)/ally bench --dataset mnist --data $(DATA)/mnist --strategies ally,random \
-		--init 200 --budget 200 --rounds 5 --seeds 3 --out docs/benchmarks/mnist
+	$(BENCH) --dataset mnist --data $(DATA)/mnist --out docs/benchmarks/mnist
+	$(BENCH) --dataset parkinsons-rows --data $(DATA)/parkinsons --out docs/benchmarks/parkinsons-rows
+	$(BENCH) --dataset parkinsons --data $(DATA)/parkinsons --out docs/benchmarks/parkinsons
+	$(BIN)/python -m worker.bench_round --data $(DATA)/mnist
+	$(BIN)/python -m worker.bench_selection
 
 clean:
 	rm -rf $(VENV) data
