@@ -53,17 +53,30 @@ def sweep() -> list[int]:
     return due
 
 
+@signals.worker_process_init.connect
+def _own_connections(**_: object) -> None:
+    # A pool process forked after the sweeper used the database (a replacement for one that
+    # was killed or timed out) inherits the parent's pooled connections; two processes on one
+    # socket corrupt each other's traffic. Drop them without closing the parent's.
+    from service.db import get_engine
+
+    get_engine().dispose(close=False)
+
+
 @signals.worker_ready.connect
 def _start_sweeper(**_: object) -> None:
     stop = threading.Event()
 
     def loop() -> None:
-        while not stop.wait(settings.round_lease_seconds):
+        # The first sweep picks up rounds a previous worker left behind. It runs in the loop
+        # so that a database still starting up delays the sweeper instead of ending it.
+        while True:
             try:
                 sweep()
             except Exception:
                 log.exception("sweeping for due rounds failed")
+            if stop.wait(settings.round_lease_seconds):
+                return
 
-    sweep()  # rounds a previous worker left behind
     threading.Thread(target=loop, name="ally-sweeper", daemon=True).start()
     signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)

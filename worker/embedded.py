@@ -10,13 +10,31 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from worker.leases import due_rounds
 
 log = logging.getLogger(__name__)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: end this process once the runner's process is gone.
+
+    `stop()` never runs when the runner's process dies at once: killed, or re-raising SIGTERM
+    after uvicorn's graceful shutdown, as `ally serve` does. A spawned child then lives on
+    holding torch's memory, since its own end of the call queue's pipe never reports EOF.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # a round it was running is run again once its lease expires
+
+    threading.Thread(target=watch, name="ally-parent-watch", daemon=True).start()
 
 
 def _execute(round_id: int) -> str | None:
@@ -80,7 +98,12 @@ class EmbeddedRunner:
                 continue
             if self._executor is None:
                 context = multiprocessing.get_context("spawn")
-                self._executor = ProcessPoolExecutor(self.processes, mp_context=context)
+                self._executor = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=context,
+                    initializer=_exit_with_parent,
+                    initargs=(os.getpid(),),
+                )
             self._running[round_id] = self._executor.submit(_execute, round_id)
             free -= 1
             if free == 0:

@@ -8,17 +8,21 @@ No torch here: the embedded runner's parent process polls with this module alone
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, func, or_, update
 from sqlmodel import Session, col, select
 
 from service.db import get_engine
 from service.models import Round, RoundStatus, utcnow
 from service.settings import settings
+
+log = logging.getLogger(__name__)
 
 
 class Stopped(Exception):
@@ -61,40 +65,80 @@ def claim(round_id: int, worker: str) -> bool:
 
 
 class Heartbeat:
-    """Reports phase and progress, renews the lease, and stops the work when it is lost."""
+    """Reports phase and progress, renews the lease, and stops the work when it is lost.
+
+    Used as a context manager it also renews the lease from a thread, so steps that never
+    call `beat` (loading, k-means on a large pool, the dual head) cannot outlast the lease and
+    have the round taken over while the worker is still busy with it.
+    """
 
     def __init__(self, round_id: int, worker: str, every: float | None = None):
         self.round_id, self.worker = round_id, worker
         self.every = settings.round_lease_seconds / 6 if every is None else every
         self.started = time.monotonic()
         self.last = -float("inf")
+        self.phase, self.progress = "starting", 0.0
+        self._lost: Stopped | None = None
+        self._writing = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def beat(self, phase: str, progress: float, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = now - self.started
-        eta = elapsed * (1 - progress) / progress if progress > 0.02 else None
-        with Session(get_engine()) as session:
-            alive = session.execute(
-                update(Round)
-                .where(
-                    col(Round.id) == self.round_id,
-                    col(Round.status) == RoundStatus.running,
-                    col(Round.claimed_by) == self.worker,
+        self.phase, self.progress = phase, progress
+        if self._lost is not None:
+            raise self._lost
+        if force or time.monotonic() - self.last >= self.every:
+            self._write()
+
+    def _write(self) -> None:
+        with self._writing:
+            now = time.monotonic()
+            self.last = now
+            elapsed, progress = now - self.started, self.progress
+            eta = elapsed * (1 - progress) / progress if progress > 0.02 else None
+            with Session(get_engine()) as session:
+                alive = session.execute(
+                    update(Round)
+                    .where(
+                        col(Round.id) == self.round_id,
+                        col(Round.status) == RoundStatus.running,
+                        col(Round.claimed_by) == self.worker,
+                    )
+                    .values(
+                        phase=self.phase,
+                        progress=round(progress, 4),
+                        eta_seconds=None if eta is None else round(eta, 1),
+                        heartbeat_at=utcnow(),
+                        lease_until=utcnow() + timedelta(seconds=settings.round_lease_seconds),
+                    )
                 )
-                .values(
-                    phase=phase,
-                    progress=round(progress, 4),
-                    eta_seconds=None if eta is None else round(eta, 1),
-                    heartbeat_at=utcnow(),
-                    lease_until=utcnow() + timedelta(seconds=settings.round_lease_seconds),
-                )
-            )
-            session.commit()
-        if alive.rowcount != 1:
-            raise Stopped(f"round {self.round_id} was cancelled or taken over")
+                session.commit()
+            if alive.rowcount != 1:
+                self._lost = Stopped(f"round {self.round_id} was cancelled or taken over")
+                raise self._lost
+
+    def _keep_alive(self) -> None:
+        while not self._done.wait(self.every):
+            if time.monotonic() - self.last < self.every:
+                continue  # the work itself beat recently
+            try:
+                self._write()
+            except Stopped:
+                return  # the work raises it at its next beat
+            except Exception:  # the database may be briefly unreachable: try again
+                log.exception("round %s: renewing the lease failed", self.round_id)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread = threading.Thread(
+            target=self._keep_alive, name=f"ally-lease-{self.round_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def release(round_id: int, worker: str, error: str) -> RoundStatus | None:
@@ -145,7 +189,8 @@ def due_rounds(limit: int = 100) -> list[int]:
 def resend_due(older_than_seconds: float) -> list[int]:
     """Due rounds not touched for `older_than_seconds`, touched now so one sweeper sends each.
 
-    For a queued round `heartbeat_at` records the last time a worker sent or touched it.
+    For a queued round `heartbeat_at` records the last time a worker sent or touched it, and
+    until then `created_at` when the API sent it, so a new round is not sent twice.
     """
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
     taken = []
@@ -155,7 +200,7 @@ def resend_due(older_than_seconds: float) -> list[int]:
                 update(Round)
                 .where(
                     col(Round.id) == round_id,
-                    or_(col(Round.heartbeat_at).is_(None), col(Round.heartbeat_at) < cutoff),
+                    func.coalesce(col(Round.heartbeat_at), col(Round.created_at)) < cutoff,
                 )
                 .values(heartbeat_at=utcnow())
             )

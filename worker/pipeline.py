@@ -83,19 +83,20 @@ def execute(round_id: int, worker: str | None = None) -> RoundStatus | None:
     if not claim(round_id, worker):
         log.info("round %s: not claimable (done, running elsewhere or out of attempts)", round_id)
         return None
-    heartbeat = Heartbeat(round_id, worker)
     try:
-        with Session(get_engine()) as session:
-            round_ = session.get(Round, round_id)
-            pool = session.get(Pool, round_.pool_id)
-            heartbeat.beat("load", 0.0, force=True)
-            started = time.perf_counter()
-            inputs = load_inputs(session, pool, blobs())
-            load_seconds = time.perf_counter() - started
-        outcome = compute(round_, pool, inputs, heartbeat)
-        outcome.seconds = {"load": load_seconds, **outcome.seconds}
-        heartbeat.beat("publish", PROGRESS["select"], force=True)
-        return publish(round_id, worker, inputs, outcome)
+        # The heartbeat also renews the lease from a thread while steps without beats run.
+        with Heartbeat(round_id, worker) as heartbeat:
+            with Session(get_engine()) as session:
+                round_ = session.get(Round, round_id)
+                pool = session.get(Pool, round_.pool_id)
+                heartbeat.beat("load", 0.0, force=True)
+                started = time.perf_counter()
+                inputs = load_inputs(session, pool, blobs())
+                load_seconds = time.perf_counter() - started
+            outcome = compute(round_, pool, inputs, heartbeat)
+            outcome.seconds = {"load": load_seconds, **outcome.seconds}
+            heartbeat.beat("publish", PROGRESS["select"], force=True)
+            return publish(round_id, worker, inputs, outcome)
     except Stopped as stopped:
         log.info("%s", stopped)
         return None
@@ -309,21 +310,29 @@ def pool_arrays(
         raise ValueError(f"pool {pool.id} has no items")
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     splits = np.array([str(r[1]) for r in rows])
+    keys = np.array([r[3] for r in rows])
     cache = _cache_file(pool)
-    cached_ids, cached_x = _read_cache(cache)
-    known = np.isin(ids, cached_ids)
+    cached_ids, cached_keys, cached_x = _read_cache(cache)
+    # A cached id counts only with the same content: a database recreated over the same data
+    # directory numbers its pools and items from 1 again.
+    at = np.searchsorted(cached_ids, ids).clip(max=max(len(cached_ids) - 1, 0))
+    known = (
+        (cached_ids[at] == ids) & (cached_keys[at] == keys)
+        if len(cached_ids)
+        else np.zeros(len(ids), dtype=bool)
+    )
     if known.all() and len(cached_ids) == len(ids):
         return ids, splits, cached_x
     fresh = [_decode(store, rows[i][2], rows[i][3]) for i in np.flatnonzero(~known)]
-    shapes = {a.shape for a in fresh} | ({cached_x.shape[1:]} if len(cached_ids) else set())
+    shapes = {a.shape for a in fresh} | ({cached_x.shape[1:]} if known.any() else set())
     if len(shapes) > 1:
         raise ValueError(f"items of pool {pool.id} differ in shape: {sorted(shapes)}")
     x = np.empty((len(ids), *shapes.pop()), dtype=(fresh[0] if fresh else cached_x).dtype)
     if known.any():
-        x[known] = cached_x[np.searchsorted(cached_ids, ids[known])]
+        x[known] = cached_x[at[known]]
     if fresh:
         x[~known] = np.stack(fresh)
-    _write_cache(cache, ids, x)
+    _write_cache(cache, ids, keys, x)
     return ids, splits, x
 
 
@@ -341,16 +350,17 @@ def _cache_file(pool: Pool) -> Path:
     return settings.data_dir / "cache" / f"pool-{pool.id}.npz"
 
 
-def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cached item ids [N] (ascending), their content keys [N] and arrays [N, ...]."""
     try:
         with np.load(path) as cached:
-            return cached["ids"], cached["x"]
-    except (FileNotFoundError, OSError, KeyError, ValueError):
-        return np.empty(0, dtype=np.int64), np.empty(0)
+            return cached["ids"], cached["keys"], cached["x"]
+    except (FileNotFoundError, OSError, KeyError, ValueError):  # KeyError: an older cache
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=str), np.empty(0)
 
 
-def _write_cache(path: Path, ids: np.ndarray, x: np.ndarray) -> None:
+def _write_cache(path: Path, ids: np.ndarray, keys: np.ndarray, x: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{worker_name().replace(':', '-')}.tmp.npz")
-    np.savez(partial, ids=ids, x=x)
+    np.savez(partial, ids=ids, keys=keys, x=x)
     partial.replace(path)  # atomic: concurrent workers never read half a cache

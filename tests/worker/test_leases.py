@@ -1,0 +1,163 @@
+"""Claims, heartbeats and recovery through the database, on SQLite and PostgreSQL."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col
+
+from service.app import create_app
+from service.auth import create_key
+from service.db import get_engine
+from service.models import Role, Round, RoundStatus, utcnow
+from service.settings import settings
+from tests.worker.factories import add_round, get_round, import_pool
+from worker.leases import Heartbeat, Stopped, claim, due_rounds, release, resend_due
+
+
+@pytest.fixture
+def round_id(database: Engine) -> int:
+    pool, _ = import_pool("digits", 60)
+    return add_round(pool, budget=5)
+
+
+def expire_lease(round_id: int) -> None:
+    """What the clock does to a worker that stopped beating: its lease runs out."""
+    with Session(get_engine()) as session:
+        session.execute(
+            update(Round)
+            .where(col(Round.id) == round_id)
+            .values(lease_until=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+
+
+def test_a_claim_is_exclusive(round_id: int) -> None:
+    assert claim(round_id, "worker-a")
+    assert not claim(round_id, "worker-b")
+    round_ = get_round(round_id)
+    assert round_.status == RoundStatus.running and round_.claimed_by == "worker-a"
+    assert round_.attempts == 1 and round_.lease_until is not None
+    assert round_.lease_until > utcnow() + timedelta(seconds=settings.round_lease_seconds - 5)
+
+
+def test_of_workers_claiming_at_once_exactly_one_wins(round_id: int) -> None:
+    start = threading.Barrier(6)
+    won: list[str] = []
+
+    def contend(name: str) -> None:
+        start.wait()
+        if claim(round_id, name):
+            won.append(name)
+
+    threads = [threading.Thread(target=contend, args=(f"worker-{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(won) == 1
+    assert get_round(round_id).claimed_by == won[0] and get_round(round_id).attempts == 1
+
+
+def test_an_expired_lease_is_claimed_again_and_the_old_worker_is_stopped(round_id: int) -> None:
+    assert claim(round_id, "worker-a")
+    Heartbeat(round_id, "worker-a").beat("train", 0.3, force=True)
+    expire_lease(round_id)
+    assert claim(round_id, "worker-b")
+    with pytest.raises(Stopped):
+        Heartbeat(round_id, "worker-a").beat("train", 0.5, force=True)
+    # The old worker's failure report must not touch the round either.
+    assert release(round_id, "worker-a", "RuntimeError: late") is None
+    Heartbeat(round_id, "worker-b").beat("train", 0.2, force=True)
+    round_ = get_round(round_id)
+    assert (round_.claimed_by, round_.attempts, round_.status) == ("worker-b", 2, "running")
+    assert (round_.phase, round_.progress, round_.error) == ("train", 0.2, None)
+
+
+def test_a_heartbeat_reports_phase_progress_and_time_left(round_id: int) -> None:
+    assert claim(round_id, "worker-a")
+    heartbeat = Heartbeat(round_id, "worker-a")
+    heartbeat.started -= 30  # as if the round had been running for 30 s
+    heartbeat.beat("train", 0.25, force=True)
+    round_ = get_round(round_id)
+    assert (round_.phase, round_.progress) == ("train", 0.25)
+    assert round_.eta_seconds == pytest.approx(90, abs=2)
+
+
+def test_cancel_through_the_api_stops_the_heartbeat(round_id: int) -> None:
+    assert claim(round_id, "worker-a")
+    with Session(get_engine()) as session:
+        _, key = create_key(session, name="root", role=Role.admin)
+        session.commit()
+    client = TestClient(create_app(migrate_on_startup=False))
+    response = client.post(f"/rounds/{round_id}/cancel", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    with pytest.raises(Stopped):
+        Heartbeat(round_id, "worker-a").beat("train", 0.5, force=True)
+    assert not claim(round_id, "worker-b")
+    assert get_round(round_id).status == RoundStatus.cancelled
+
+
+def test_a_failed_attempt_queues_the_round_again_until_the_cap(round_id: int) -> None:
+    for attempt in range(1, settings.round_max_attempts + 1):
+        assert claim(round_id, f"worker-{attempt}")
+        status = release(round_id, f"worker-{attempt}", f"ValueError: attempt {attempt}")
+        final = attempt == settings.round_max_attempts
+        assert status == (RoundStatus.failed if final else RoundStatus.queued)
+    round_ = get_round(round_id)
+    assert round_.error == f"ValueError: attempt {settings.round_max_attempts}"
+    assert round_.finished_at is not None and round_.claimed_by is None
+    assert not claim(round_id, "worker-late")
+
+
+def test_a_round_abandoned_too_often_is_given_up(round_id: int) -> None:
+    for attempt in range(1, settings.round_max_attempts + 1):
+        assert due_rounds() == [round_id]  # queued, then abandoned
+        assert claim(round_id, f"worker-{attempt}")
+        assert round_id not in due_rounds()  # its worker is beating
+        expire_lease(round_id)
+    assert round_id not in due_rounds()
+    round_ = get_round(round_id)
+    assert round_.status == RoundStatus.failed and round_.finished_at is not None
+    assert f"gave up after {settings.round_max_attempts} attempts" in (round_.error or "")
+
+
+def test_a_due_round_is_resent_by_one_sweeper_at_a_time(round_id: int) -> None:
+    assert resend_due(older_than_seconds=60) == []  # the API sent it a moment ago
+    assert resend_due(older_than_seconds=0) == [round_id]  # it was not picked up since
+    assert resend_due(older_than_seconds=60) == []  # another sweeper just sent it
+    assert resend_due(older_than_seconds=0) == [round_id]
+    assert claim(round_id, "worker-a")
+    assert resend_due(older_than_seconds=0) == []  # running under a live lease
+    expire_lease(round_id)
+    assert resend_due(older_than_seconds=0) == [round_id]
+
+
+def test_a_keep_alive_holds_the_lease_through_a_long_step(
+    round_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "round_lease_seconds", 1)
+    assert claim(round_id, "worker-a")
+    with Heartbeat(round_id, "worker-a") as heartbeat:
+        heartbeat.beat("select", 0.8, force=True)
+        # A step longer than the lease (k-means on a large pool) that never calls beat().
+        threading.Event().wait(2.5)
+        assert not claim(round_id, "worker-b")
+        assert get_round(round_id).phase == "select"
+    assert get_round(round_id).claimed_by == "worker-a"
+
+
+def test_a_keep_alive_notices_a_cancel(round_id: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "round_lease_seconds", 1)
+    assert claim(round_id, "worker-a")
+    with Heartbeat(round_id, "worker-a") as heartbeat:
+        with Session(get_engine()) as session:
+            session.execute(
+                update(Round).where(col(Round.id) == round_id).values(status="cancelled")
+            )
+            session.commit()
+        threading.Event().wait(1.0)
+        with pytest.raises(Stopped):
+            heartbeat.beat("train", 0.5)  # not due for a write: the keep-alive saw it
