@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from worker.ally.data import load
 from worker.ally.loop import ask, evaluate, fit
@@ -38,7 +39,7 @@ class BenchSpec:
 
 
 def parse_strategy(spec: str) -> Strategy:
-    """'ally:epsilon=auto+clusters=50' -> Ally(epsilon='auto', clusters=50)."""
+    """'ally:epsilon=auto+k=50' -> Ally(epsilon='auto', k=50)."""
     name, _, params = spec.partition(":")
     kwargs = {}
     for pair in filter(None, params.split("+")):
@@ -104,11 +105,20 @@ def _run_one(strategy, name, seed, spec, config, train_set, test_set, pool_rows,
     for round_index in range(spec.rounds + 1):
         round_seed = seed * 1000 + round_index
         x, y = train_set.x[labeled], train_set.y[labeled]
+        test_y, scale = test_set.y, 1.0
+        if task == "regression":
+            # As the service does: targets in units of the labeled items' spread, since the
+            # labels of the rest are hidden (ε = 0.1 is measured in these units).
+            y, test_y, scale = _standardize_by(y, test_y)
         trained, train_seconds = fit(
             strategy, task, x, y, labeled, round_seed, spec.network, num_outputs, config
         )
-        metric = evaluate(trained.model, task, test_set.x, test_set.y)
-        value = metric["accuracy"] if task == "classification" else test_set.mse(metric["mse"])
+        metric = evaluate(trained.model, task, test_set.x, test_y)
+        value = (
+            metric["accuracy"]
+            if task == "classification"
+            else test_set.mse(metric["mse"] * scale**2)
+        )
         record["labeled"].append(len(labeled))
         record["metric"].append(value)
         spent = {"train": train_seconds}
@@ -129,6 +139,14 @@ def _run_one(strategy, name, seed, spec, config, train_set, test_set, pool_rows,
         )
     record["seconds"] = seconds
     return record
+
+
+def _standardize_by(
+    labeled_y: torch.Tensor, test_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Both target sets re-standardized with the labeled targets' mean and std, and that std."""
+    mean, std = labeled_y.mean(), labeled_y.std(correction=0).clamp_min(1e-6)
+    return (labeled_y - mean) / std, (test_y - mean) / std, float(std)
 
 
 def summarize(results: dict) -> list[dict]:

@@ -60,7 +60,7 @@ class FittedDualHead:
             return np.full(len(embeddings), self.scale, dtype=np.float32)
         self.net.eval()
         out = [
-            self.net((torch.as_tensor(chunk) - self.mean) / self.std)
+            self.net((torch.as_tensor(chunk, dtype=torch.float32) - self.mean) / self.std)
             for chunk in np.array_split(embeddings, max(1, -(-len(embeddings) // batch_size)))
         ]
         return (torch.cat(out) * self.scale).numpy()

@@ -1,7 +1,7 @@
-"""One active-learning round as a plain function: train → embed → query.
+"""One active-learning round as plain functions: `fit` (train) then `ask` (embed, query).
 
-The service's round pipeline and the benchmark both call `run_round`, so what is measured
-is what is served.
+The service's round pipeline and the benchmark both call `fit` and `ask`, so what is
+measured is what is served; `run_round` chains the two.
 """
 
 from __future__ import annotations
