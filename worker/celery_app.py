@@ -28,7 +28,7 @@ app.conf.update(
     task_default_queue=QUEUE,
     task_ignore_result=True,
     task_time_limit=settings.round_time_limit_seconds,
-    task_soft_time_limit=settings.round_time_limit_seconds - 60,
+    task_soft_time_limit=int(settings.round_time_limit_seconds * 0.95),
     broker_transport_options=broker_options(),
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,

@@ -165,7 +165,7 @@ def _create_pool(
         annotator = Annotator(list(read_mnist(data).values()))
     counts = api.get(f"/pools/{pool_id}").json()
     typer.echo(
-        f"imported {name}: {counts['items'] - counts['holdout']} pool images, "
+        f"imported {name}: {counts['items']} pool images, "
         f"{counts['holdout']} holdout images with labels, no pool labels "
         f"({time.perf_counter() - started:.1f} s)"
     )

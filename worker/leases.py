@@ -15,7 +15,7 @@ import threading
 import time
 from datetime import timedelta
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import and_, case, false, func, or_, true, update
 from sqlmodel import Session, col, select
 
 from service.db import get_engine
@@ -141,23 +141,30 @@ class Heartbeat:
             self._thread.join()
 
 
-def release(round_id: int, worker: str, error: str) -> RoundStatus | None:
-    """After a failed attempt: queue the round again, or fail it when attempts are used up."""
+def release(round_id: int, worker: str, error: str, final: bool = False) -> RoundStatus | None:
+    """After a failed attempt: queue the round again, or fail it when attempts are used up
+    (or at once when `final`). Only the lease holder can, so a takeover is never undone."""
+    give_up = or_(col(Round.attempts) >= settings.round_max_attempts, true() if final else false())
     with Session(get_engine()) as session:
-        round_ = session.exec(
-            select(Round).where(Round.id == round_id, Round.claimed_by == worker).with_for_update()
-        ).first()
-        if round_ is None or round_.status != RoundStatus.running:
-            return None
-        final = round_.attempts >= settings.round_max_attempts
-        round_.status = RoundStatus.failed if final else RoundStatus.queued
-        round_.error = error
-        round_.claimed_by = round_.lease_until = None
-        if final:
-            round_.finished_at = utcnow()
-        session.add(round_)
+        released = session.execute(
+            update(Round)
+            .where(
+                col(Round.id) == round_id,
+                col(Round.claimed_by) == worker,
+                col(Round.status) == RoundStatus.running,
+            )
+            .values(
+                status=case((give_up, RoundStatus.failed.value), else_=RoundStatus.queued.value),
+                finished_at=case((give_up, utcnow()), else_=None),
+                error=error,
+                claimed_by=None,
+                lease_until=None,
+            )
+        )
         session.commit()
-        return round_.status
+        if released.rowcount != 1:
+            return None
+        return RoundStatus(session.exec(select(Round.status).where(Round.id == round_id)).one())
 
 
 def due_rounds(limit: int = 100) -> list[int]:

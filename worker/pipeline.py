@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from billiard.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from sklearn.decomposition import PCA
 from sqlalchemy import insert, update
@@ -47,6 +48,11 @@ from worker.ally.strategies import Query as Picks
 from worker.leases import Heartbeat, Stopped, claim, release, worker_name
 
 log = logging.getLogger(__name__)
+
+
+class RoundInputError(ValueError):
+    """The round cannot run on what is stored (parameters, items, labels): retrying won't help."""
+
 
 # Share of the progress bar each phase ends at.
 PROGRESS = {"load": 0.1, "train": 0.7, "embed": 0.8, "select": 0.95}
@@ -100,7 +106,10 @@ def execute(round_id: int, worker: str | None = None) -> RoundStatus | None:
     except Stopped as stopped:
         log.info("%s", stopped)
         return None
-    except Exception as error:  # any failure of this attempt: retry or fail the round
+    except (RoundInputError, SoftTimeLimitExceeded) as error:  # another attempt would fail too
+        log.exception("round %s failed", round_id)
+        return release(round_id, worker, f"{type(error).__name__}: {error}"[:2000], final=True)
+    except Exception as error:  # e.g. out of memory or a lost connection: try again
         log.exception("round %s failed", round_id)
         return release(round_id, worker, f"{type(error).__name__}: {error}"[:2000])
 
@@ -113,9 +122,15 @@ def compute(round_: Round, pool: Pool, inputs: RoundInputs, heartbeat: Heartbeat
     """The learning library's part of the round: no database in here."""
     if round_.seeding is not None:
         return cold_start(round_, inputs)
-    strategy = get_strategy(round_.strategy, **round_.params)
+    try:
+        strategy = get_strategy(round_.strategy, **round_.params)
+    except (TypeError, ValueError) as error:
+        raise RoundInputError(f"strategy {round_.strategy!r}: {error}") from error
     spec = pool.model_spec or {}
-    config = PDCLConfig(**spec.get("training", {}))
+    try:
+        config = PDCLConfig(**spec.get("training", {}))
+    except TypeError as error:
+        raise RoundInputError(f"pool {pool.id} model_spec.training: {error}") from error
 
     def on_epoch(record) -> None:
         share = min(record.epoch / config.max_epochs, 1.0)
@@ -307,7 +322,7 @@ def pool_arrays(
         .order_by(col(Item.id))
     ).all()
     if not rows:
-        raise ValueError(f"pool {pool.id} has no items")
+        raise RoundInputError(f"pool {pool.id} has no items")
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     splits = np.array([str(r[1]) for r in rows])
     keys = np.array([r[3] for r in rows])
@@ -326,7 +341,7 @@ def pool_arrays(
     fresh = [_decode(store, rows[i][2], rows[i][3]) for i in np.flatnonzero(~known)]
     shapes = {a.shape for a in fresh} | ({cached_x.shape[1:]} if known.any() else set())
     if len(shapes) > 1:
-        raise ValueError(f"items of pool {pool.id} differ in shape: {sorted(shapes)}")
+        raise RoundInputError(f"items of pool {pool.id} differ in shape: {sorted(shapes)}")
     x = np.empty((len(ids), *shapes.pop()), dtype=(fresh[0] if fresh else cached_x).dtype)
     if known.any():
         x[known] = cached_x[at[known]]

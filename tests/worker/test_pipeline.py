@@ -264,3 +264,14 @@ def test_the_decoded_pool_cache_never_serves_another_databases_items(
     second, decoded = arrays_and_blobs()
     assert not np.array_equal(second, first)
     assert np.array_equal(second, decoded)
+
+
+@sqlite_only
+def test_a_round_that_cannot_run_as_stored_fails_at_once(database: Engine) -> None:
+    pool, _ = labeled_pool("digits", 100, model_spec={"training": {"max_epochs": 3}})
+    round_id = add_round(pool, budget=5, labeled=LABELED, strategy="random", params={"k": 3})
+    assert execute(round_id, "worker-a") == RoundStatus.failed
+    round_ = get_round(round_id)
+    assert round_.attempts == 1  # no retries: the parameters would fail every time
+    assert round_.error is not None and "RoundInputError" in round_.error and "k" in round_.error
+    assert queries(round_id) == []
