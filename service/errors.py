@@ -97,6 +97,12 @@ class StrategyNotApplicable(BadInput):
     pass
 
 
+class InvalidParams(ServiceError):
+    """A round's params do not fit its strategy (422, like any other payload error)."""
+
+    status_code = 422
+
+
 class Conflict(ServiceError):
     """The request clashes with the current state (409)."""
 

@@ -45,6 +45,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+class EpsilonText(TypeDecorator[float | str]):
+    """A constraint level: a number, or "auto"; stored as text so both fit one column."""
+
+    impl = String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: float | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else "auto" if value == "auto" else repr(float(value))
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> float | str | None:
+        return None if value is None else "auto" if value == "auto" else float(value)
+
+
 class Task(StrEnum):
     classification = "classification"
     regression = "regression"
@@ -97,8 +110,9 @@ class Pool(SQLModel, table=True):
     model_spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     default_strategy: str = Field(default="ally", max_length=40)
     default_budget: int = 100
-    # None: the strategy's own default constraint level.
-    default_epsilon: float | None = None
+    # ALLY's constraint level for rounds that give none: a number or "auto"; None: the
+    # strategy's own default.
+    default_epsilon: float | str | None = Field(default=None, sa_type=EpsilonText)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -16,7 +16,14 @@ from pydantic import (
 
 from service.datasets import PACKAGED
 from service.models import InputKind, Role, RoundStatus, Split, Task
-from service.strategies import CLASSIFICATION_ONLY, StrategyName, supports
+from service.strategies import (
+    CLASSIFICATION_ONLY,
+    PARAMS,
+    Epsilon,
+    StrategyName,
+    accepted_params,
+    supports,
+)
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -77,7 +84,9 @@ class PoolCreate(BaseModel):
     model_spec: JsonObject = Field(default_factory=dict, description="Options for training.")
     default_strategy: StrategyName = "ally"
     default_budget: int = Field(default=100, ge=1)
-    default_epsilon: FiniteFloat | None = Field(default=None, gt=0)
+    default_epsilon: Epsilon | None = Field(
+        default=None, description="ALLY's constraint level when a round gives none, or 'auto'."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "PoolCreate":
@@ -106,7 +115,7 @@ class PoolPublic(BaseModel):
     model_spec: dict[str, Any]
     default_strategy: str
     default_budget: int
-    default_epsilon: float | None
+    default_epsilon: float | Literal["auto"] | None
     created_at: datetime
     items: int = Field(description="Items in the pool split (candidates for labeling).")
     labeled: int = Field(description="Items of the pool split with at least one label.")
@@ -207,18 +216,6 @@ class ImportSummary(BaseModel):
 # --- rounds ----------------------------------------------------------------------------
 
 
-class RoundParams(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    epsilon: FiniteFloat | None = Field(default=None, gt=0, description="ALLY's constraint level.")
-    k: int | None = Field(default=None, ge=1, description="Clusters to spread the picks over.")
-
-    @model_validator(mode="after")
-    def _extras_finite(self) -> "RoundParams":
-        _finite(self.model_extra or {})
-        return self
-
-
 class RoundCreate(BaseModel):
     model_config = _examples(
         {"pool_id": 1, "strategy": "ally", "budget": 100, "params": {"epsilon": 0.2}, "seed": 0}
@@ -227,7 +224,12 @@ class RoundCreate(BaseModel):
     pool_id: int
     strategy: StrategyName | None = Field(default=None, description="Default: the pool's.")
     budget: int | None = Field(default=None, ge=1, description="Default: the pool's.")
-    params: RoundParams = Field(default_factory=RoundParams)
+    params: JsonObject = Field(
+        default_factory=dict,
+        description="The strategy's parameters: "
+        + "; ".join(f"{name}: {accepted_params(name)}" for name in PARAMS)
+        + ". ALLY's epsilon defaults to the pool's.",
+    )
     seed: int = 0
     cold_start: bool = Field(
         default=True,

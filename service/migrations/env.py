@@ -23,6 +23,8 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     """Write migrations with plain SQLAlchemy types, so they never import service code."""
     if type_ == "type" and isinstance(obj, models.UTCDateTime):
         return "sa.DateTime(timezone=True)"
+    if type_ == "type" and isinstance(obj, models.EpsilonText):
+        return "sa.String(20)"
     if type_ == "type" and isinstance(obj, AutoString):
         return f"sa.String({obj.length or ''})"
     return False

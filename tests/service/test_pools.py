@@ -128,3 +128,19 @@ def test_a_duplicate_pool_name_is_409_and_stores_nothing(
     assert response.status_code == 409
     assert response.json()["error"] == "PoolNameTaken" and "mnist" in response.json()["detail"]
     assert row_counts(session) == before
+
+
+@pytest.mark.parametrize("epsilon", [0.25, "auto"])
+def test_the_default_epsilon_is_a_number_or_auto(
+    client: TestClient, admin: dict, epsilon: object
+) -> None:
+    created = client.post("/pools", json={**MNIST, "default_epsilon": epsilon}, headers=admin)
+    assert created.status_code == 201, created.text
+    read = client.get(f"/pools/{created.json()['id']}", headers=admin)
+    assert read.json()["default_epsilon"] == epsilon
+
+
+@pytest.mark.parametrize("epsilon", [0, -1, "sometimes", True])
+def test_a_bad_default_epsilon_is_422(client: TestClient, admin: dict, epsilon: object) -> None:
+    response = client.post("/pools", json={**MNIST, "default_epsilon": epsilon}, headers=admin)
+    assert response.status_code == 422

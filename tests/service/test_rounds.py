@@ -31,7 +31,7 @@ def test_create_round_queues_it_and_points_to_it(
         "/rounds",
         json={
             "pool_id": pool_with_labels.id,
-            "strategy": "margin",
+            "strategy": "ally",
             "budget": 10,
             "seed": 3,
             "params": {"epsilon": 0.2, "k": 4},
@@ -42,7 +42,7 @@ def test_create_round_queues_it_and_points_to_it(
     body = response.json()
     assert response.headers["location"] == f"/rounds/{body['id']}"
     assert body["status"] == "queued" and body["number"] == 1 and body["percent"] == 0
-    assert (body["strategy"], body["budget"], body["seed"]) == ("margin", 10, 3)
+    assert (body["strategy"], body["budget"], body["seed"]) == ("ally", 10, 3)
     assert body["params"] == {"epsilon": 0.2, "k": 4}
     assert body["seeding"] is None and body["labeled_at_start"] == 25
     stored = session.get(Round, body["id"])
@@ -52,13 +52,75 @@ def test_create_round_queues_it_and_points_to_it(
     assert client.get(response.headers["location"], headers=admin).json()["id"] == body["id"]
 
 
+@pytest.mark.parametrize("epsilon", [0.5, "auto"])
 def test_round_defaults_come_from_the_pool(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict, epsilon: object
+) -> None:
+    pool = make_pool(session, default_strategy="ally", default_budget=3, default_epsilon=epsilon)
+    make_items(session, blobs, pool, 5)
+    body = client.post("/rounds", json={"pool_id": pool.id}, headers=admin).json()
+    assert (body["strategy"], body["budget"], body["params"]) == ("ally", 3, {"epsilon": epsilon})
+
+
+def test_the_pools_epsilon_goes_to_ally_rounds_only(
     client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
 ) -> None:
     pool = make_pool(session, default_strategy="coreset", default_budget=3, default_epsilon=0.5)
     make_items(session, blobs, pool, 5)
     body = client.post("/rounds", json={"pool_id": pool.id}, headers=admin).json()
-    assert (body["strategy"], body["budget"], body["params"]) == ("coreset", 3, {"epsilon": 0.5})
+    assert (body["strategy"], body["params"]) == ("coreset", {})
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params"),
+    [
+        ("ally", {"epsilon": "auto", "k": 3, "dual_cap_quantile": 1.0}),
+        ("badge", {"max_pending": 8}),
+        ("coreset", {"candidates": 100}),
+        ("random", {}),
+    ],
+)
+def test_each_strategy_takes_its_own_params(
+    client: TestClient, admin: dict, pool_with_labels, strategy: str, params: dict
+) -> None:
+    response = client.post(
+        "/rounds",
+        json={"pool_id": pool_with_labels.id, "strategy": strategy, "params": params},
+        headers=admin,
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["params"] == params
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "accepted"),
+    [
+        ("random", {"epsilon": 0.3}, "accepts: none"),
+        ("entropy", {"k": 2}, "accepts: none"),
+        ("coreset", {"max_pending": 2}, "accepts: candidates"),
+        ("badge", {"max_pending": 0}, "accepts: max_pending, max_rejections"),
+        ("ally", {"dual_cap_quantile": 1.5}, "accepts: k, dual_cap_quantile, epsilon"),
+        ("ally", {"epsilon": "often"}, "accepts: k, dual_cap_quantile, epsilon"),
+    ],
+)
+def test_params_a_strategy_does_not_take_are_422_listing_what_it_does(
+    client: TestClient,
+    session: Session,
+    admin: dict,
+    pool_with_labels,
+    strategy: str,
+    params: dict,
+    accepted: str,
+) -> None:
+    before = row_counts(session)
+    response = client.post(
+        "/rounds",
+        json={"pool_id": pool_with_labels.id, "strategy": strategy, "params": params},
+        headers=admin,
+    )
+    assert response.status_code == 422 and response.json()["error"] == "InvalidParams"
+    assert accepted in response.json()["detail"] and strategy in response.json()["detail"]
+    assert row_counts(session) == before
 
 
 def test_too_few_labels_start_a_cold_round(

@@ -1,6 +1,8 @@
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Response
+from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, func, select
@@ -11,6 +13,7 @@ from service.crud import get_pool, get_round, pool_counts
 from service.errors import (
     BrokerUnavailable,
     BudgetTooLarge,
+    InvalidParams,
     NotEnoughLabels,
     PoolNotFound,
     RoundInProgress,
@@ -22,7 +25,13 @@ from service.errors import (
 from service.models import ACTIVE_ROUND_STATUSES, Round, RoundStatus, utcnow
 from service.schemas import RoundCreate, RoundPublic, RoundsPublic
 from service.settings import settings
-from service.strategies import CLASSIFICATION_ONLY, COLD_START_SEEDING, supports
+from service.strategies import (
+    CLASSIFICATION_ONLY,
+    COLD_START_SEEDING,
+    PARAMS,
+    accepted_params,
+    supports,
+)
 
 router = APIRouter(tags=["rounds"])
 log = logging.getLogger(__name__)
@@ -32,6 +41,21 @@ def round_public(round_: Round) -> RoundPublic:
     return RoundPublic(**round_.model_dump(), percent=round(100 * round_.progress, 1))
 
 
+def strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` checked against what `strategy` accepts; the error lists the valid keys."""
+    try:
+        checked = PARAMS[strategy].model_validate(params)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors()
+        )
+        raise InvalidParams(
+            f"invalid params for strategy {strategy!r} ({problems}); "
+            f"it accepts: {accepted_params(strategy)}"
+        ) from None
+    return checked.model_dump(exclude_unset=True)
+
+
 @router.post(
     "/rounds",
     status_code=202,
@@ -39,6 +63,7 @@ def round_public(round_: Round) -> RoundPublic:
     responses=responses(
         PoolNotFound,
         StrategyNotApplicable,
+        InvalidParams,
         NotEnoughLabels,
         BudgetTooLarge,
         RoundInProgress,
@@ -61,6 +86,9 @@ def create_round(
             f"strategy {strategy!r} works on classification pools only "
             f"({', '.join(sorted(CLASSIFICATION_ONLY))}); pool {pool.id} is a {pool.task} pool"
         )
+    params = strategy_params(strategy, body.params)
+    if strategy == "ally" and pool.default_epsilon is not None:
+        params.setdefault("epsilon", pool.default_epsilon)
     active = session.exec(
         select(Round.id).where(
             Round.pool_id == pool.id, col(Round.status).in_(ACTIVE_ROUND_STATUSES)
@@ -85,9 +113,6 @@ def create_round(
         raise BudgetTooLarge(
             f"budget {budget} exceeds the {unlabeled} unlabeled items of pool {pool.id}"
         )
-    params = body.params.model_dump(exclude_none=True)
-    if pool.default_epsilon is not None:
-        params.setdefault("epsilon", pool.default_epsilon)
     number = session.exec(
         select(func.coalesce(func.max(Round.number), 0)).where(Round.pool_id == pool.id)
     ).one()

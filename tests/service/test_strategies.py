@@ -1,0 +1,26 @@
+"""The service's strategy table against the worker's registry: names, tasks, parameters."""
+
+import dataclasses
+
+from service.strategies import CLASSIFICATION_ONLY, PARAMS, STRATEGIES
+from worker.ally.registry import STRATEGIES as WORKER_STRATEGIES
+
+# Worker fields that are configuration objects, not JSON: the API does not offer them.
+NOT_OFFERED = {"ally": {"head"}}
+
+
+def test_the_service_offers_exactly_the_workers_strategies() -> None:
+    assert set(STRATEGIES) == set(PARAMS) == set(WORKER_STRATEGIES)
+
+
+def test_classification_only_matches_the_workers_tasks() -> None:
+    worker = {name for name, cls in WORKER_STRATEGIES.items() if "regression" not in cls.tasks}
+    assert worker == CLASSIFICATION_ONLY
+
+
+def test_each_strategys_params_are_its_dataclass_fields() -> None:
+    for name, cls in WORKER_STRATEGIES.items():
+        fields = (
+            {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        )
+        assert set(PARAMS[name].model_fields) == fields - NOT_OFFERED.get(name, set()), name
