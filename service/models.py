@@ -106,7 +106,7 @@ class Pool(SQLModel, table=True):
     # What a regression target measures, e.g. "total UPDRS".
     target: str | None = Field(default=None, max_length=200)
     input_kind: str = Field(sa_type=String(20))  # InputKind
-    # Network and training options for the worker, e.g. {"network": "resnet18"}.
+    # Network and training options for the worker (schemas.ModelSpec), e.g. {"network": "mlp"}.
     model_spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     default_strategy: str = Field(default="ally", max_length=40)
     default_budget: int = 100

@@ -53,6 +53,39 @@ def _examples(*examples: dict[str, Any]) -> ConfigDict:
 # --- pools -----------------------------------------------------------------------------
 
 
+class TrainingSpec(BaseModel):
+    """Training options: the JSON-able fields of the worker's PDCLConfig (unset: its default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_epochs: int | None = Field(default=None, ge=1, le=10_000)
+    batch_size: int | None = Field(default=None, ge=1)
+    primal_lr: FiniteFloat | None = Field(default=None, gt=0)
+    primal_lr_decay: FiniteFloat | None = Field(default=None, gt=0, le=1)
+    primal_steps: int | None = Field(default=None, ge=1)
+    weight_decay: FiniteFloat | None = Field(default=None, ge=0)
+    dual_lr: FiniteFloat | None = Field(default=None, ge=0)
+    dual_lr_power: FiniteFloat | None = Field(default=None, ge=0)
+    lambda_init: FiniteFloat | None = Field(default=None, ge=0)
+    epsilon_scale: FiniteFloat | None = Field(
+        default=None, gt=0, description="c in epsilon = c * p_u when epsilon is 'auto'."
+    )
+    holdout_fraction: FiniteFloat | None = Field(default=None, ge=0, lt=1)
+    patience: int | None = Field(default=None, ge=1)
+    target_accuracy: FiniteFloat | None = Field(default=None, gt=0, le=1)
+
+
+class ModelSpec(BaseModel):
+    """The network and training options a round of this pool uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: Literal["auto", "mlp", "resnet18"] = Field(
+        default="auto", description="auto: ResNet-18 for colour images, else the MLP."
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+
 class PoolCreate(BaseModel):
     model_config = _examples(
         {
@@ -60,7 +93,7 @@ class PoolCreate(BaseModel):
             "task": "classification",
             "classes": [str(d) for d in range(10)],
             "input_kind": "image",
-            "model_spec": {"network": "lenet"},
+            "model_spec": {"network": "mlp"},
             "default_strategy": "ally",
             "default_budget": 100,
         },
@@ -81,7 +114,7 @@ class PoolCreate(BaseModel):
         default=None, max_length=200, description="What a regression target measures."
     )
     input_kind: InputKind
-    model_spec: JsonObject = Field(default_factory=dict, description="Options for training.")
+    model_spec: ModelSpec = Field(default_factory=ModelSpec, description="Options for training.")
     default_strategy: StrategyName = "ally"
     default_budget: int = Field(default=100, ge=1)
     default_epsilon: Epsilon | None = Field(

@@ -16,7 +16,7 @@ MNIST = {
     "task": "classification",
     "classes": [str(d) for d in range(10)],
     "input_kind": "image",
-    "model_spec": {"network": "lenet"},
+    "model_spec": {"network": "mlp", "training": {"max_epochs": 5}},
     "default_budget": 50,
 }
 
@@ -26,10 +26,17 @@ def test_create_pool_returns_it_with_zero_counts(client: TestClient, admin: dict
     assert response.status_code == 201
     body = response.json()
     assert body["name"] == "mnist" and body["classes"] == MNIST["classes"]
-    assert body["model_spec"] == {"network": "lenet"} and body["default_budget"] == 50
+    assert body["model_spec"] == {"network": "mlp", "training": {"max_epochs": 5}}
+    assert body["default_budget"] == 50
     assert body["default_strategy"] == "ally"
     assert (body["items"], body["labeled"], body["holdout"], body["rounds"]) == (0, 0, 0, 0)
     assert body["created_at"].endswith("Z") or body["created_at"].endswith("+00:00")
+
+
+def test_the_model_spec_defaults_to_the_auto_network(client: TestClient, admin: dict) -> None:
+    body = {**MNIST, "model_spec": {}}
+    response = client.post("/pools", json=body, headers=admin)
+    assert response.json()["model_spec"] == {"network": "auto", "training": {}}
 
 
 def test_a_regression_pool_has_a_target_and_no_classes(client: TestClient, admin: dict) -> None:
@@ -95,7 +102,13 @@ BAD_POOLS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("empty name", {**MNIST, "name": "  "}),
     ("zero budget", {**MNIST, "default_budget": 0}),
-    ("NaN in the model spec", {**MNIST, "model_spec": {"lr": float("nan")}}),
+    ("NaN in the model spec", {**MNIST, "model_spec": {"training": {"primal_lr": float("nan")}}}),
+    ("unknown network", {**MNIST, "model_spec": {"network": "lenet"}}),
+    ("unknown model spec key", {**MNIST, "model_spec": {"lr": 0.1}}),
+    ("unknown training option", {**MNIST, "model_spec": {"training": {"epochs": 3}}}),
+    ("zero epochs", {**MNIST, "model_spec": {"training": {"max_epochs": 0}}}),
+    ("holdout of everything", {**MNIST, "model_spec": {"training": {"holdout_fraction": 1}}}),
+    ("negative learning rate", {**MNIST, "model_spec": {"training": {"primal_lr": -1e-3}}}),
 ]
 
 

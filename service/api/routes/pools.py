@@ -32,7 +32,9 @@ def create_pool(*, session: SessionDep, key: AdminDep, body: PoolCreate) -> Pool
     """Create a pool: its task, its classes or target, and the kind of items it holds."""
     if _name_taken(session, body.name):
         raise PoolNameTaken(f"a pool named {body.name!r} already exists")
-    pool = Pool.model_validate(body.model_dump(mode="json"))
+    values = body.model_dump(mode="json")
+    values["model_spec"] = body.model_spec.model_dump(mode="json", exclude_none=True)
+    pool = Pool.model_validate(values)
     session.add(pool)
     try:
         session.flush()
