@@ -44,7 +44,7 @@ from worker.ally.loop import ask, evaluate, fit
 from worker.ally.pdcl import PDCLConfig, PDCLResult
 from worker.ally.registry import get_strategy
 from worker.ally.select import kmeans_coverage
-from worker.ally.strategies import Query as Picks
+from worker.ally.strategies import Selection
 from worker.leases import Heartbeat, Stopped, claim, release, worker_name
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class RoundInputs:
 
 @dataclass
 class Outcome:
-    picks: Picks
+    picks: Selection
     seconds: dict[str, float]
     metrics: dict[str, float | int]
     trained: PDCLResult | None = None  # None for a cold-start round
@@ -180,7 +180,7 @@ def cold_start(round_: Round, inputs: RoundInputs) -> Outcome:
     components = min(50, flat.shape[1], len(flat))
     features = PCA(components, random_state=round_.seed).fit_transform(flat)
     picked = kmeans_coverage(features, round_.budget, round_.seed)
-    picks = Picks(ids=inputs.pool_ids[picked], scores=np.zeros(len(picked), dtype=np.float32))
+    picks = Selection(ids=inputs.pool_ids[picked], scores=np.zeros(len(picked), dtype=np.float32))
     return Outcome(
         picks=picks,
         seconds={"select": time.perf_counter() - started},

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.ally.strategies import Evidence, Query, Strategy
+from worker.ally.strategies import Evidence, Selection, Strategy
 
 # Elements in one [rows, centres] temporary: 2**21 float32 = 8 MB, a few alive at once.
 BLOCK_ELEMENTS = 2**21
@@ -58,10 +58,10 @@ def _top(scores: np.ndarray, budget: int) -> np.ndarray:
     return candidates[order[:budget]]
 
 
-def _ranked_query(evidence: Evidence, scores: torch.Tensor, budget: int) -> Query:
+def _ranked_query(evidence: Evidence, scores: torch.Tensor, budget: int) -> Selection:
     values = scores.float().cpu().numpy()  # [N]
     picked = _top(values, budget)
-    return Query(ids=evidence.pool_ids[picked], scores=values[picked])
+    return Selection(ids=evidence.pool_ids[picked], scores=values[picked])
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ class EntropySampling(Strategy):
     tasks = frozenset({"classification"})
 
     @torch.inference_mode()
-    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Selection:
         self.check(evidence, budget)
         p = _probabilities(evidence.pool_outputs, _device())  # [N, C]
         entropy = torch.special.entr(p).sum(dim=1)  # [N]; entr(0) = 0, so no 0·log 0 = NaN
@@ -271,7 +271,7 @@ class MarginSampling(Strategy):
     tasks = frozenset({"classification"})
 
     @torch.inference_mode()
-    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Selection:
         self.check(evidence, budget)
         if evidence.pool_outputs.shape[1] < 2:
             raise ValueError("strategy 'margin' needs at least 2 classes")
@@ -296,7 +296,7 @@ class BADGE(Strategy):
     tasks = frozenset({"classification"})
 
     @torch.inference_mode()
-    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Selection:
         self.check(evidence, budget)
         a, h = _gradient_embedding_factors(
             evidence.pool_outputs, evidence.pool_embeddings, _device()
@@ -308,7 +308,7 @@ class BADGE(Strategy):
             self.max_pending,
             self.max_rejections,
         )
-        return Query(ids=evidence.pool_ids[picks], scores=np.asarray(scores, dtype=np.float32))
+        return Selection(ids=evidence.pool_ids[picks], scores=np.asarray(scores, dtype=np.float32))
 
 
 @dataclass
@@ -324,7 +324,7 @@ class Coreset(Strategy):
     name = "coreset"
 
     @torch.inference_mode()
-    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Selection:
         self.check(evidence, budget)
         device = _device()
         pool = _Points.of(_tensor(evidence.pool_embeddings, device))  # [N, d]
@@ -341,4 +341,4 @@ class Coreset(Strategy):
             picks, scores = _k_center_greedy(pool, sq_dist, budget - 1, self.candidates)
             picks = [first, *picks]
             scores = [math.sqrt(float(from_mean[first])), *scores]
-        return Query(ids=evidence.pool_ids[picks], scores=np.asarray(scores, dtype=np.float32))
+        return Selection(ids=evidence.pool_ids[picks], scores=np.asarray(scores, dtype=np.float32))

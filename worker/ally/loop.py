@@ -15,12 +15,12 @@ import torch
 
 from worker.ally.networks import Network, default_device, infer, make_network
 from worker.ally.pdcl import EpochRecord, PDCLConfig, PDCLResult, Task, per_sample_loss, train
-from worker.ally.strategies import Evidence, Query, Strategy
+from worker.ally.strategies import Evidence, Selection, Strategy
 
 
 @dataclass
 class RoundResult:
-    query: Query
+    query: Selection
     trained: PDCLResult
     seconds: dict[str, float]  # train, embed, dual_head, select
 
@@ -87,7 +87,7 @@ def ask(
     pool_ids: np.ndarray,
     budget: int,
     seed: int,
-) -> tuple[Query, dict[str, float]]:
+) -> tuple[Selection, dict[str, float]]:
     """The strategy's query of `budget` pool items, and the seconds spent on each step."""
     started = time.perf_counter()
     evidence = gather_evidence(trained, task, labeled_x, labeled_ids, pool_x, pool_ids)

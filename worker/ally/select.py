@@ -10,7 +10,7 @@ from sklearn.cluster import MiniBatchKMeans
 
 from worker.ally.dual_head import DualHeadConfig, fit_dual_head
 from worker.ally.pdcl import DEFAULT_EPSILON, Task
-from worker.ally.strategies import Evidence, Query, Strategy
+from worker.ally.strategies import Evidence, Selection, Strategy
 
 
 def cluster(embeddings: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -71,7 +71,7 @@ class Ally(Strategy):
     def constraint(self, task: Task) -> float | str | None:
         return DEFAULT_EPSILON[task] if self.epsilon is None else self.epsilon
 
-    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Selection:
         self.check(evidence, budget)
         k = min(self.k or budget, budget)
         if k < 1:
@@ -87,7 +87,7 @@ class Ally(Strategy):
             else None
         )
         picked = diverse_top(predicted, labels, k, budget, cap)
-        return Query(
+        return Selection(
             ids=evidence.pool_ids[picked],
             scores=predicted[picked],
             clusters=labels[picked],

@@ -1,7 +1,7 @@
 """Query strategies behind one interface, looked up by name.
 
 A strategy sees only what the trained model says about the labeled set and the pool
-(`Evidence`) and returns the `budget` pool items to label next (`Query`). Training is
+(`Evidence`) and returns the `budget` pool items to label next (a `Selection`). Training is
 shared: every strategy is trained by `pdcl.train`, constrained only when the strategy asks
 for a constraint level (ALLY), so comparisons between strategies are fair.
 """
@@ -30,7 +30,7 @@ class Evidence:
 
 
 @dataclass(frozen=True)
-class Query:
+class Selection:
     """The items to label, best first."""
 
     ids: np.ndarray  # [budget] distinct pool item ids, in rank order
@@ -50,7 +50,7 @@ class Strategy:
         """The ε to train with (see `pdcl.PDCLConfig.epsilon`); None: unconstrained ERM."""
         return None
 
-    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Selection:
         raise NotImplementedError
 
     def check(self, evidence: Evidence, budget: int) -> None:
@@ -71,8 +71,8 @@ class RandomSampling(Strategy):
 
     name = "random"
 
-    def select(self, evidence: Evidence, budget: int, seed: int) -> Query:
+    def select(self, evidence: Evidence, budget: int, seed: int) -> Selection:
         self.check(evidence, budget)
         rng = np.random.default_rng(seed)
         picked = rng.choice(len(evidence.pool_ids), size=budget, replace=False)
-        return Query(ids=evidence.pool_ids[picked], scores=np.zeros(budget, dtype=np.float32))
+        return Selection(ids=evidence.pool_ids[picked], scores=np.zeros(budget, dtype=np.float32))
