@@ -129,3 +129,29 @@ def test_same_seed_same_duals():
         torch.manual_seed(0)
         runs.append(train(MLP(64, 10), x, y, ids, "classification", PDCLConfig(0.2), seed=3))
     np.testing.assert_array_equal(runs[0].duals, runs[1].duals)
+
+
+class _Scale(MLP):
+    """f(x) = w·x with one weight: small enough to follow Algorithm 1 by hand."""
+
+    def __init__(self, w: float):
+        super().__init__(in_features=1, num_outputs=1, hidden=1, depth=0)
+        with torch.no_grad():
+            self.head.weight.fill_(w)
+            self.head.bias.zero_()
+        self.head.bias.requires_grad_(False)
+
+
+def test_slacks_are_measured_after_the_primal_step():
+    # One batch, one epoch: Adam's first step moves w by exactly lr against the gradient's
+    # sign, and Algorithm 1 then measures ℓ' at the new w (not at the old one).
+    x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([3.0, 5.0])
+    w0, lr, dual_lr, epsilon = 1.0, 0.5, 0.1, 0.5
+    config = PDCLConfig(
+        epsilon=epsilon, dual_lr=dual_lr, primal_lr=lr, batch_size=2, max_epochs=1
+    )
+    result = train(_Scale(w0), x, y, np.array([7, 8]), "regression", config, seed=0)
+    w1 = w0 + lr  # the loss falls as w grows towards 2.5
+    expected = np.maximum(0.0, dual_lr * (((w1 * x[:, 0] - y) ** 2).numpy() - epsilon))
+    np.testing.assert_allclose(result.duals, expected, rtol=1e-5)
+    assert float(result.model.head.weight) == pytest.approx(w1)

@@ -6,7 +6,8 @@ Every labeled sample i carries a constraint ℓ'(f_θ(x_i), y_i) ≤ ε_i and a 
     L̂(θ, λ) = 1/|L| Σ_i [ ℓ(f_θ(x_i), y_i) + λ_i (ℓ'(f_θ(x_i), y_i) − ε_i) ]
 
 with one projected dual ascent step λ_i ← [λ_i + η_d (ℓ'_i − ε_i)]₊ on the same mini-batch,
-so after training λ_i accumulates how long and how much sample i violated its constraint.
+its slacks measured after the primal steps, so after training λ_i accumulates how long and
+how much sample i violated its constraint.
 With `epsilon=None` the duals stay at zero and this is plain ERM: the shared trainer of every
 strategy, so strategies differ only in how they query.
 
@@ -70,7 +71,7 @@ class EpochRecord:
     epoch: int
     lagrangian: float  # mean of ℓ + λ(ℓ' − ε) over the epoch's batches
     loss: float  # mean ℓ
-    mean_slack: float  # mean of ℓ' − ε (negative: constraints met on average)
+    mean_slack: float  # mean of ℓ' − ε after the primal steps (negative: met on average)
     active_share: float  # share of samples with λ > 0 after the epoch
     train_accuracy: float | None  # running accuracy over the epoch (classification)
     holdout_loss: float | None
@@ -139,10 +140,11 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 lagrangian.mean().backward()
                 optimizer.step()
-            # The slack of the last primal step's forward pass drives the dual step, which
-            # spares a second forward pass per batch (as the authors' code does).
             slack = slack.detach()
             if constrained:
+                # Algorithm 1, lines 5-6: slacks at θ after the primal steps, then dual ascent.
+                with torch.no_grad():
+                    slack = secondary(model(xb), yb) - epsilon[batch]
                 duals[batch] = dual_step(duals[batch], slack, dual_lr)
             correct = (
                 (outputs.argmax(1) == yb).sum() if task == "classification" else loss.new_zeros(())
