@@ -147,9 +147,7 @@ def test_slacks_are_measured_after_the_primal_step():
     # sign, and Algorithm 1 then measures ℓ' at the new w (not at the old one).
     x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([3.0, 5.0])
     w0, lr, dual_lr, epsilon = 1.0, 0.5, 0.1, 0.5
-    config = PDCLConfig(
-        epsilon=epsilon, dual_lr=dual_lr, primal_lr=lr, batch_size=2, max_epochs=1
-    )
+    config = PDCLConfig(epsilon=epsilon, dual_lr=dual_lr, primal_lr=lr, batch_size=2, max_epochs=1)
     result = train(_Scale(w0), x, y, np.array([7, 8]), "regression", config, seed=0)
     w1 = w0 + lr  # the loss falls as w grows towards 2.5
     expected = np.maximum(0.0, dual_lr * (((w1 * x[:, 0] - y) ** 2).numpy() - epsilon))
