@@ -1,11 +1,12 @@
 """Database helpers shared by the routes and the CLI. They flush, never commit."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import distinct, func
 from sqlmodel import Session, col, select
 
-from service.errors import ItemNotFound, PoolNotFound, RoundNotFound
+from service.errors import ItemNotFound, PoolNotFound, RoundNotFound, ShapeMismatch
 from service.models import Item, Label, Pool, Round, Split
 
 
@@ -28,6 +29,22 @@ def get_round(session: Session, round_id: int) -> Round:
     if round_ is None:
         raise RoundNotFound(f"no round {round_id}")
     return round_
+
+
+def check_shapes(session: Session, pool: Pool, shapes: Iterable[tuple[str, list[int]]]) -> None:
+    """Refuse new items (name, shape) unless all have the shape of the pool's items.
+
+    The worker stacks a pool's items into one array, so the pool's first items fix its shape.
+    """
+    expected = session.exec(
+        select(Item.shape).where(Item.pool_id == pool.id).order_by(col(Item.id)).limit(1)
+    ).first()
+    where = f"pool {pool.id} holds items of shape {expected}"
+    for name, shape in shapes:
+        if expected is None:
+            expected, where = list(shape), f"the first new item has shape {list(shape)}"
+        elif list(shape) != list(expected):
+            raise ShapeMismatch(f"{name} has shape {list(shape)}; {where}")
 
 
 @dataclass

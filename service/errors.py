@@ -137,6 +137,10 @@ class DatasetMismatch(Conflict):
     pass
 
 
+class ShapeMismatch(Conflict):
+    """Items of one pool must share a shape: its first items fix it."""
+
+
 class ConcurrentUpload(Conflict):
     pass
 

@@ -1,4 +1,5 @@
-"""Checking uploaded images before anything is stored, and rendering array items as PNG."""
+"""Checking uploaded images before anything is stored, decoding them as the worker trains
+on them, and rendering array items as PNG."""
 
 import io
 import warnings
@@ -7,19 +8,42 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import ImageTooLarge, InvalidImage
+from service.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from service.models import BlobFormat
 
 FORMATS = {"PNG": BlobFormat.png, "JPEG": BlobFormat.jpeg}
 MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 MEDIA_TYPES = {BlobFormat.png: "image/png", BlobFormat.jpeg: "image/jpeg"}
+# Modes decoded as one grey channel (alpha dropped); every other 8-bit mode becomes RGB.
+GREY_MODES = frozenset({"1", "L", "LA"})
+# 16-bit and float pixels have no lossless uint8 form: refused rather than guessed at.
+UNSUPPORTED_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 @dataclass(frozen=True)
 class ImageInfo:
     format: BlobFormat
-    shape: list[int]  # [H, W] or [H, W, C]
-    dtype: str
+    shape: list[int]  # [H, W] or [H, W, 3], as decode_array gives it
+    dtype: str  # uint8
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W] for grey modes, [H, W, 3] for the others; ValueError for 16-bit/float."""
+    if image.mode in UNSUPPORTED_MODES:
+        raise ValueError(f"{image.mode} pixels (16-bit or float) are not supported; use 8 bits")
+    if image.mode in GREY_MODES:
+        return np.asarray(image.convert("L"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    """A stored PNG or JPEG as the model sees it: uint8 [H, W] (grey) or [H, W, 3] (colour).
+
+    The one rule for both sides: the API records this shape at upload, the worker trains on
+    these arrays. Raises ValueError for 16-bit and float images (refused at upload).
+    """
+    with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
+        return _pixels(image)
 
 
 def inspect_image(data: bytes, name: str, max_bytes: int, max_pixels: int) -> ImageInfo:
@@ -55,10 +79,13 @@ def inspect_image(data: bytes, name: str, max_bytes: int, max_pixels: int) -> Im
             image.load()
         except Exception as e:
             raise InvalidImage(f"{name}: corrupt or truncated image ({e})") from e
-        bands = len(image.getbands())
-        dtype = "uint16" if image.mode.startswith("I;16") else "uint8"
-        shape = [height, width] if bands == 1 else [height, width, bands]
-        return ImageInfo(format=FORMATS[image.format], shape=shape, dtype=dtype)
+        try:
+            pixels = _pixels(image)
+        except ValueError as e:
+            raise UnsupportedMediaType(f"{name}: {e}") from None
+        return ImageInfo(
+            format=FORMATS[image.format], shape=list(pixels.shape), dtype=str(pixels.dtype)
+        )
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

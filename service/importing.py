@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 
 from service import datasets
 from service.blobs import BlobStore, blob_key
+from service.crud import check_shapes
 from service.datasets import ArrayDataset
 from service.errors import DatasetMismatch, ImageTooLarge, InvalidArchive
 from service.images import npy_bytes
@@ -111,6 +112,9 @@ def import_dataset(
     train = splits["train"]
     for ds in splits.values():
         _check_fits(pool, ds, source)
+    check_shapes(
+        session, pool, [(f"{source} ({name})", list(ds.x.shape[1:])) for name, ds in splits.items()]
+    )
     parts: list[tuple[Split, str, ArrayDataset]] = [(Split.pool, "train", train)]
     if "test" in splits:
         parts.append((Split.holdout, "test", splits["test"]))

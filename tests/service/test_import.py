@@ -15,7 +15,7 @@ from service.blobs import FileBlobStore
 from service.images import load_npy
 from service.models import InputKind, Item, Label, Split, Task
 from service.settings import settings
-from tests.service.factories import image_bytes, make_pool, row_counts
+from tests.service.factories import image_bytes, make_items, make_pool, row_counts
 
 
 def idx(array: np.ndarray) -> bytes:
@@ -275,3 +275,15 @@ def test_import_without_a_body_is_refused(
         client.post("/pools/999999/import", json={"dataset": "digits"}, headers=admin).status_code
         == 404
     )
+
+
+def test_an_import_of_another_shape_than_the_pools_items_is_409_and_stores_nothing(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session, classes=["3", "5", "7"])
+    make_items(session, blobs, pool, 2)  # 8x8 grey; the folder archive holds 6x5 colour
+    before = row_counts(session)
+    response = _upload(client, pool.id, folder_archive(), admin)  # type: ignore[arg-type]
+    assert response.status_code == 409 and response.json()["error"] == "ShapeMismatch"
+    assert "[5, 6, 3]" in response.json()["detail"] and "[8, 8]" in response.json()["detail"]
+    assert row_counts(session) == before

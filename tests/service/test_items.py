@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 
 from service.blobs import FileBlobStore
 from service.errors import ImageTooLarge
-from service.images import inspect_image
+from service.images import decode_array, inspect_image
 from service.models import InputKind, Item, Split, Task
 from service.settings import settings
 from tests.service.factories import image_bytes, make_items, make_pool, row_counts
@@ -29,7 +29,7 @@ def test_upload_png_and_jpeg_images(
     client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
 ) -> None:
     pool = make_pool(session)
-    png, jpeg = image_bytes(1, (8, 6)), image_bytes(2, (5, 4), "JPEG")
+    png, jpeg = image_bytes(1, (8, 6)), image_bytes(2, (8, 6), "JPEG")
     response = client.post(
         f"/pools/{pool.id}/items",
         files=[("files", ("a.png", png)), ("files", ("b.jpg", jpeg))],
@@ -39,7 +39,7 @@ def test_upload_png_and_jpeg_images(
     assert response.status_code == 201, response.text
     created = response.json()["created"]
     assert [c["format"] for c in created] == ["png", "jpeg"]
-    assert created[0]["shape"] == [6, 8, 3] and created[1]["shape"] == [4, 5, 3]
+    assert created[0]["shape"] == [6, 8, 3] and created[1]["shape"] == [6, 8, 3]
     assert all(c["split"] == "holdout" and c["kind"] == "image" for c in created)
     assert created[0]["meta"] == {"batch": 7, "filename": "a.png"}
     assert created[0]["image_url"].endswith(f"/items/{created[0]['id']}/image")
@@ -283,7 +283,8 @@ def test_vectors_must_match_the_pool_dimension(
     make_items(session, blobs, pool, 1)  # 4 values each
     before = row_counts(session)
     response = client.post(f"/pools/{pool.id}/items", json={"vectors": [[1.0, 2.0]]}, headers=admin)
-    assert response.status_code == 400 and "4" in response.json()["detail"]
+    assert response.status_code == 409 and response.json()["error"] == "ShapeMismatch"
+    assert "[4]" in response.json()["detail"]
     assert row_counts(session) == before
 
 
@@ -307,3 +308,88 @@ def test_holdout_split_is_recorded(client: TestClient, session: Session, admin: 
     )
     item = session.exec(select(Item).where(Item.pool_id == pool.id)).one()
     assert item.split == Split.holdout
+
+
+def _png(mode: str, size: tuple[int, int] = (5, 4)) -> bytes:
+    """A PNG of `mode` with varied pixels (so each mode gives different bytes)."""
+    rng = np.random.default_rng(len(mode) + ord(mode[0]))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    image = image.convert(mode) if mode != "P" else image.quantize(8)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    [
+        ("RGB", [4, 5, 3]),
+        ("RGBA", [4, 5, 3]),
+        ("P", [4, 5, 3]),
+        ("L", [4, 5]),
+        ("LA", [4, 5]),
+        ("1", [4, 5]),
+    ],
+)
+def test_an_image_is_recorded_with_the_shape_it_decodes_to(mode: str, shape: list[int]) -> None:
+    data = _png(mode)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == mode
+    info = inspect_image(data, "x.png", 10**6, 10**6)
+    pixels = decode_array(data)
+    assert info.shape == list(pixels.shape) == shape
+    assert info.dtype == str(pixels.dtype) == "uint8"
+
+
+def test_colour_images_with_and_without_alpha_share_one_pool(
+    client: TestClient, session: Session, admin: dict
+) -> None:
+    pool = make_pool(session)
+    response = client.post(
+        f"/pools/{pool.id}/items", files=_files(_png("RGB"), _png("RGBA"), _png("P")), headers=admin
+    )
+    assert response.status_code == 201, response.text
+    assert [c["shape"] for c in response.json()["created"]] == [[4, 5, 3]] * 3
+
+
+def test_16_bit_images_are_415_and_store_nothing(
+    client: TestClient, session: Session, blobs: FileBlobStore, admin: dict
+) -> None:
+    pool = make_pool(session)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 5), 60_000, dtype=np.uint16)).save(buffer, format="PNG")
+    before = row_counts(session)
+    response = client.post(
+        f"/pools/{pool.id}/items", files=_files(buffer.getvalue()), headers=admin
+    )
+    assert response.status_code == 415 and "16-bit" in response.json()["detail"]
+    assert row_counts(session) == before and _stored(blobs) == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        ([image_bytes(1, (8, 6))], [image_bytes(2, (5, 4))]),
+        ([_png("L")], [_png("RGB")]),
+        ([], [image_bytes(1, (8, 6)), image_bytes(2, (5, 4))]),
+    ],
+    ids=["another size", "grey after colour", "two sizes in one upload"],
+)
+def test_images_of_another_shape_than_the_pools_are_409_and_store_nothing(
+    client: TestClient,
+    session: Session,
+    blobs: FileBlobStore,
+    admin: dict,
+    first: list[bytes],
+    then: list[bytes],
+) -> None:
+    pool = make_pool(session)
+    if first:
+        assert client.post(
+            f"/pools/{pool.id}/items", files=_files(*first), headers=admin
+        ).is_success
+    before, stored = row_counts(session), _stored(blobs)
+    response = client.post(f"/pools/{pool.id}/items", files=_files(*then), headers=admin)
+    assert response.status_code == 409 and response.json()["error"] == "ShapeMismatch"
+    assert "shape" in response.json()["detail"]
+    assert row_counts(session) == before and _stored(blobs) == stored

@@ -12,7 +12,7 @@ from service import archives, datasets
 from service.api.deps import AdminDep, AnnotatorDep, BlobsDep, SessionDep
 from service.api.payloads import ImportPayload, ItemsPayload, import_payload, items_payload
 from service.blobs import BlobStore, blob_key
-from service.crud import get_item, get_pool
+from service.crud import check_shapes, get_item, get_pool
 from service.errors import (
     BadInput,
     ConcurrentUpload,
@@ -24,6 +24,7 @@ from service.errors import (
     NoImage,
     PayloadTooLarge,
     PoolNotFound,
+    ShapeMismatch,
     UnsupportedMediaType,
     WrongInputKind,
     responses,
@@ -107,6 +108,9 @@ def _add_images(
         inspect_image(u.data, u.name, settings.max_image_bytes, settings.max_image_pixels)
         for u in payload.uploads
     ]
+    check_shapes(
+        session, pool, ((u.name, i.shape) for u, i in zip(payload.uploads, infos, strict=True))
+    )
     keys = [blob_key(u.data) for u in payload.uploads]
     return _store(
         request,
@@ -136,13 +140,7 @@ def _add_vectors(
     if np.abs(vectors).max() > np.finfo(np.float32).max:
         raise BadInput("vector values must fit in float32 (|x| < 3.4e38)")
     vectors = vectors.astype(np.float32)
-    existing = session.exec(
-        select(Item.shape).where(Item.pool_id == pool.id, Item.kind == InputKind.vector).limit(1)
-    ).first()
-    if existing is not None and existing != [vectors.shape[1]]:
-        raise BadInput(
-            f"vectors have {vectors.shape[1]} values; pool {pool.id} holds vectors of {existing[0]}"
-        )
+    check_shapes(session, pool, [("the vectors", [vectors.shape[1]])])
     data = [npy_bytes(v) for v in vectors]
     return _store(
         request,
@@ -213,6 +211,7 @@ def _store(
         WrongInputKind,
         ImageTooLarge,
         UnsupportedMediaType,
+        ShapeMismatch,
         ConcurrentUpload,
     ),
 )
@@ -246,7 +245,12 @@ def create_items(
     response_model=ImportSummary,
     openapi_extra=_IMPORT_BODY,
     responses=responses(
-        PoolNotFound, InvalidArchive, DatasetMismatch, PayloadTooLarge, UnsupportedMediaType
+        PoolNotFound,
+        InvalidArchive,
+        DatasetMismatch,
+        ShapeMismatch,
+        PayloadTooLarge,
+        UnsupportedMediaType,
     ),
 )
 def import_items(
