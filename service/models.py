@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, String, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Index, String, UniqueConstraint, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -88,6 +88,7 @@ class RoundStatus(StrEnum):
 
 
 ACTIVE_ROUND_STATUSES = (RoundStatus.queued, RoundStatus.running)
+ACTIVE_ROUND_SQL = "status IN ('queued', 'running')"
 
 
 class Role(StrEnum):
@@ -160,7 +161,17 @@ class Round(SQLModel, table=True):
     """One query round: what the worker must run, and how far it got."""
 
     __tablename__ = "rounds"
-    __table_args__ = (UniqueConstraint("pool_id", "number"),)
+    __table_args__ = (
+        UniqueConstraint("pool_id", "number"),
+        # One queued or running round per pool, even when two requests race.
+        Index(
+            "ux_rounds_pool_id_active",
+            "pool_id",
+            unique=True,
+            sqlite_where=text(ACTIVE_ROUND_SQL),
+            postgresql_where=text(ACTIVE_ROUND_SQL),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     pool_id: int = Field(foreign_key="pools.id")

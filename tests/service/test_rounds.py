@@ -5,6 +5,8 @@ import json
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import event, insert
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from service import jobs
@@ -236,6 +238,34 @@ def test_one_active_round_per_pool(
     client.post(f"/rounds/{first.json()['id']}/cancel", headers=admin)
     third = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
     assert third.status_code == 202 and third.json()["number"] == 2
+
+
+def test_the_database_holds_one_active_round_per_pool(
+    session: Session, blobs: FileBlobStore
+) -> None:
+    pool = make_pool(session)
+    make_round(session, pool, status=RoundStatus.ready)
+    make_round(session, pool, status=RoundStatus.queued)
+    with session.begin_nested(), pytest.raises(IntegrityError):
+        make_round(session, pool, status=RoundStatus.running)
+    make_round(session, pool, status=RoundStatus.failed)  # finished rounds are not limited
+
+
+def test_a_round_racing_another_is_409_and_stores_nothing(
+    client: TestClient, session: Session, admin: dict, pool_with_labels
+) -> None:
+    """Another request inserts its round between our check and our insert."""
+
+    @event.listens_for(session, "before_flush", once=True)
+    def _other_request(session: Session, *_: object) -> None:
+        session.connection().execute(
+            insert(Round).values(pool_id=pool_with_labels.id, number=99, strategy="ally", budget=1)
+        )
+
+    before = row_counts(session)
+    response = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
+    assert response.status_code == 409 and response.json()["error"] == "RoundInProgress"
+    assert row_counts(session) == before
 
 
 def test_read_and_list_rounds(

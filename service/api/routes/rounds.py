@@ -131,7 +131,11 @@ def create_round(
     try:
         session.flush()
     except IntegrityError:
-        raise RoundInProgress(f"another round of pool {pool.id} was just created") from None
+        # Another request's round won the race (the one-active-round index, or the number);
+        # the failed flush expired our objects, so name the pool from the request.
+        raise RoundInProgress(
+            f"another round of pool {body.pool_id} was just created; wait for it or cancel it"
+        ) from None
     # The worker must find the row when the task arrives: commit before enqueueing.
     session.commit()
     try:
