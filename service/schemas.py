@@ -10,6 +10,8 @@ from pydantic import (
     ConfigDict,
     Field,
     FiniteFloat,
+    Strict,
+    StrictStr,
     StringConstraints,
     model_validator,
 )
@@ -332,7 +334,10 @@ class LabelCreate(BaseModel):
     model_config = _examples({"item_id": 17, "value": "7", "round_id": 3})
 
     item_id: int
-    value: str | float = Field(description="A class name, or a finite number for regression.")
+    # Strict: JSON true is not the class "1", and "2.5" is not a number.
+    value: StrictStr | Annotated[FiniteFloat, Strict()] = Field(
+        description="A class name, or a finite number (for regression, or naming a digit class)."
+    )
     round_id: int | None = Field(
         default=None, description="Default: the latest round that queried the item."
     )

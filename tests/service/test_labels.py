@@ -172,16 +172,48 @@ def test_numbers_that_name_no_class_are_refused(
 
 
 @pytest.mark.parametrize(
-    ("raw", "words"),
-    [("NaN", "finite"), ("Infinity", "finite"), ("-Infinity", "finite"), ('"tall"', "number")],
+    ("raw", "status", "words"),
+    [
+        ("NaN", 422, "finite"),
+        ("Infinity", 422, "finite"),
+        ("-Infinity", 422, "finite"),
+        ("1e400", 422, "finite"),
+        ("true", 422, "valid number"),
+        ('"tall"', 400, "number"),
+    ],
 )
 def test_bad_regression_targets_are_refused(
-    client: TestClient, session: Session, annotator: dict, regression, raw: str, words: str
+    client: TestClient,
+    session: Session,
+    annotator: dict,
+    regression,
+    raw: str,
+    status: int,
+    words: str,
 ) -> None:
     _, items = regression
     good, bad = items[0].id, items[1].id
     body = f'[{{"item_id": {good}, "value": 1.0}}, {{"item_id": {bad}, "value": {raw}}}]'
-    assert words in _refused(client, session, annotator, body, 400, "InvalidLabel")
+    error = "ValidationError" if status == 422 else "InvalidLabel"
+    assert words in _refused(client, session, annotator, body, status, error)
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ("NaN", "finite"),
+        ("Infinity", "finite"),
+        ("1e400", "finite"),
+        ("true", "valid number"),
+        ("false", "valid number"),
+    ],
+)
+def test_non_finite_numbers_and_booleans_are_no_class(
+    client: TestClient, session: Session, annotator: dict, digits, raw: str, words: str
+) -> None:
+    _, items = digits
+    body = f'{{"item_id": {items[0].id}, "value": {raw}}}'
+    assert words in _refused(client, session, annotator, body, 422, "ValidationError")
 
 
 def test_unknown_items_are_404(

@@ -35,11 +35,11 @@ def label_public(label: Label) -> LabelPublic:
 
 def _answer(value: str | float, task: str, classes: list[str] | None, item_id: int) -> str | float:
     """The value as stored: a class name of the pool, or a finite regression target."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidLabel(f"item {item_id}: a label must be a finite number, not {value}")
     if task == Task.regression:
         if isinstance(value, str):
             raise InvalidLabel(f"item {item_id}: a regression label is a number, not {value!r}")
-        if not math.isfinite(value):
-            raise InvalidLabel(f"item {item_id}: a regression label must be finite, not {value}")
         return float(value)
     assert classes is not None
     # Accept 7 for the class "7": annotation tools often send digit classes as numbers.
