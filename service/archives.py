@@ -4,9 +4,11 @@ Member names are checked (no absolute paths, no `..`, no links), and the unpacke
 member count are capped while copying, whatever the archive's headers claim.
 """
 
+import lzma
 import shutil
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
@@ -89,6 +91,18 @@ def extract(fileobj: BinaryIO, dest: Path, *, max_bytes: int, max_members: int) 
         fileobj.seek(0)
         with tarfile.open(fileobj=fileobj, mode="r:*") as archive:
             _untar(archive, dest, budget)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+    # Corrupt compressed data surfaces from the decompressors while copying (zlib.error,
+    # LZMAError, EOFError); encrypted zip members raise RuntimeError, unknown methods
+    # NotImplementedError.
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        zlib.error,
+        lzma.LZMAError,
+        EOFError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+    ) as e:
         shutil.rmtree(dest, ignore_errors=True)
         raise InvalidArchive(f"not a readable zip or tar archive ({e})") from e

@@ -1,8 +1,10 @@
 """The blob store, the migrations, and archive extraction, below the HTTP layer."""
 
 import io
+import tarfile
 import zipfile
 
+import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -77,3 +79,50 @@ def test_extract_refuses_paths_out_of_the_folder(tmp_path) -> None:  # type: ign
     with pytest.raises(InvalidArchive):
         extract(_zip({"a/../../escape": b"1"}), tmp_path / "z", max_bytes=10, max_members=5)
     assert not (tmp_path / "escape").exists()
+
+
+# Compressible (so deflate codes it with Huffman tables, which corruption breaks), not trivially.
+_TEXT = np.random.default_rng(0).integers(97, 101, 100_000, dtype=np.uint8).tobytes()
+
+
+def _corrupt(data: bytes, at: float) -> io.BytesIO:
+    """`data` with 8 bytes flipped at the fraction `at` of its length."""
+    damaged = bytearray(data)
+    start = int(len(damaged) * at)
+    for i in range(start, start + 8):
+        damaged[i] ^= 0xFF
+    return io.BytesIO(bytes(damaged))
+
+
+def _tar(mode: str, payload: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+        member = tarfile.TarInfo("data/a.bin")
+        member.size = len(payload)
+        archive.addfile(member, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def _encrypted_zip() -> io.BytesIO:
+    """A zip whose member claims to be encrypted (flag bit 0)."""
+    data = bytearray(_zip({"a.txt": b"secret"}).getvalue())
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 8] |= 0x01  # general purpose flags of the central directory entry
+    return io.BytesIO(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "archive",
+    [
+        lambda: _corrupt(_zip({"a.txt": _TEXT}).getvalue(), 0.5),  # zlib.error
+        lambda: _corrupt(_tar("w:gz", _TEXT), 0.3),  # zlib.error
+        lambda: _corrupt(_tar("w:xz", np.random.default_rng(0).bytes(200_000)), 0.97),  # LZMA
+        lambda: io.BytesIO(_tar("w:gz", b"abc" * 50_000)[:-100]),  # EOFError
+        _encrypted_zip,  # RuntimeError
+    ],
+    ids=["corrupt zip", "corrupt gzip", "corrupt xz", "truncated gzip", "encrypted zip"],
+)
+def test_corrupt_compressed_data_is_an_invalid_archive(tmp_path, archive) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidArchive):
+        extract(archive(), tmp_path / "d", max_bytes=10**7, max_members=5)
+    assert not (tmp_path / "d").exists()
