@@ -26,9 +26,12 @@ from service.models import (
 DIGITS = [str(d) for d in range(10)]
 
 
-def image_bytes(seed: int = 0, size: tuple[int, int] = (8, 6), format: str = "PNG") -> bytes:
-    """A small random RGB image; different seeds give different bytes."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+def image_bytes(
+    seed: int = 0, size: tuple[int, int] = (8, 6), format: str = "PNG", *, grey: bool = False
+) -> bytes:
+    """A small random RGB (or grey) image; different seeds give different bytes."""
+    shape = (size[1], size[0]) if grey else (size[1], size[0], 3)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=format)
     return buffer.getvalue()

@@ -40,8 +40,9 @@ def world(session: Session, blobs: FileBlobStore) -> World:
 def _archive() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("3/a.png", image_bytes(1))
-        z.writestr("7/b.png", image_bytes(2))
+        # 8x8 grey, like the World's items: a pool's items share one shape.
+        z.writestr("3/a.png", image_bytes(1, (8, 8), grey=True))
+        z.writestr("7/b.png", image_bytes(2, (8, 8), grey=True))
     return buffer.getvalue()
 
 
@@ -56,7 +57,12 @@ ROUTES: list[tuple[str, str, dict[str, Any], str]] = [
     ),
     ("GET", "/pools", {}, ADMIN),
     ("GET", "/pools/{pool}", {}, ADMIN),
-    ("POST", "/pools/{pool}/items", {"files": [("files", ("x.png", image_bytes(99)))]}, ADMIN),
+    (
+        "POST",
+        "/pools/{pool}/items",
+        {"files": [("files", ("x.png", image_bytes(99, (8, 8), grey=True)))]},
+        ADMIN,
+    ),
     ("POST", "/pools/{pool}/import", {"files": {"archive": ("a.zip", _archive())}}, ADMIN),
     ("GET", "/items/{item}", {}, ANNOTATOR),
     ("GET", "/items/{item}/image", {}, ANNOTATOR),
