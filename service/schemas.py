@@ -1,6 +1,7 @@
 """Request and response bodies of the HTTP API (pydantic; no FastAPI, no database)."""
 
 import math
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -27,8 +28,24 @@ from service.strategies import (
     supports,
 )
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+def _printable(value: str) -> str:
+    """Refuse control characters (newlines, tabs, NUL...): names end up in headers and files."""
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+    AfterValidator(_printable),
+]
+ClassName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(_printable),
+]
 MAX_PAGE = 500
 
 

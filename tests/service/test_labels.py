@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from urllib.parse import unquote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -276,3 +277,45 @@ def test_export_of_an_unknown_pool_or_format(client: TestClient, admin: dict, di
     assert client.get("/pools/999999/labels", headers=admin).status_code == 404
     response = client.get(f"/pools/{items[0].pool_id}/labels?format=xml", headers=admin)
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize("name", ["données ü", "数据", "a\nb", 'say "hi"'])
+def test_the_export_file_name_survives_any_pool_name(
+    client: TestClient, session: Session, admin: dict, name: str
+) -> None:
+    # Directly in the database: the API refuses control characters in new names.
+    pool = make_pool(session, name=name)
+    response = client.get(f"/pools/{pool.id}/labels?format=csv", headers=admin)
+    assert response.status_code == 200
+    disposition = response.headers["content-disposition"]
+    assert disposition.isascii() and "\n" not in disposition
+    encoded = disposition.split("filename*=UTF-8''")[1]
+    assert unquote(encoded) == f"{name}-labels.csv"
+    fallback = disposition.split('filename="')[1].split('"')[0]
+    assert fallback.endswith("-labels.csv")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/pools", {"name": "a\nb", "task": "regression", "input_kind": "vector"}),
+        (
+            "/pools",
+            {
+                "name": "p",
+                "task": "classification",
+                "classes": ["a", "b\tc"],
+                "input_kind": "image",
+            },
+        ),
+        ("/keys", {"name": "bo\rb", "role": "annotator"}),
+    ],
+    ids=["pool name", "class name", "key name"],
+)
+def test_names_with_control_characters_are_422(
+    client: TestClient, session: Session, admin: dict, path: str, body: dict
+) -> None:
+    before = row_counts(session)
+    response = client.post(path, json=body, headers=admin)
+    assert response.status_code == 422 and "control characters" in response.text
+    assert row_counts(session) == before

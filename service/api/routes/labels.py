@@ -3,6 +3,7 @@ import io
 import json
 import math
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Response
 from fastapi import Query as QueryParam
@@ -199,9 +200,15 @@ def export_labels(
     else:
         out.writelines(json.dumps(row) + "\n" for row in rows)
         media_type = "application/x-ndjson"
-    filename = f"{pool.name}-labels.{format}".replace('"', "")
     return Response(
         out.getvalue(),
         media_type=media_type,
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        headers={"Content-Disposition": attachment(f"{pool.name}-labels.{format}")},
     )
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition for any name (RFC 6266): UTF-8 for clients that read
+    `filename*`, an ASCII stand-in for the rest; headers are latin-1 with no line breaks."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
