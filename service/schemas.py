@@ -230,6 +230,17 @@ class ItemsCreated(BaseModel):
     duplicates: list[Duplicate]
 
 
+HoldoutFraction = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        lt=1.0,
+        description="Share of the training split set aside as holdout, when the dataset has "
+        "no test split.",
+    ),
+]
+
+
 class ImportRequest(BaseModel):
     model_config = _examples({"dataset": "digits", "holdout_fraction": 0.2, "seed": 0})
 
@@ -239,13 +250,7 @@ class ImportRequest(BaseModel):
         description="Also store the pool split's ground truth as seed labels (default: only "
         "the holdout split's labels are stored, as the evaluation set).",
     )
-    holdout_fraction: float = Field(
-        default=0.0,
-        ge=0.0,
-        lt=1.0,
-        description="Share of the training split set aside as holdout, when the dataset has "
-        "no test split.",
-    )
+    holdout_fraction: HoldoutFraction = 0.0
     seed: int = 0
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from service.errors import ImageTooLarge, UnsupportedMediaType
 from service.models import Split
-from service.schemas import ImportRequest, JsonObject, VectorItemsCreate
+from service.schemas import HoldoutFraction, ImportRequest, JsonObject, VectorItemsCreate
 from service.settings import settings
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -72,7 +72,7 @@ class _FormFields(BaseModel):
     split: Split = Split.pool
     meta: JsonObject = {}
     with_labels: bool = False
-    holdout_fraction: float = 0.0
+    holdout_fraction: HoldoutFraction = 0.0
     seed: int = 0
 
 
@@ -138,8 +138,6 @@ async def import_payload(request: Request) -> AsyncIterator[ImportPayload]:
         archive = form.get("archive")
         if not isinstance(archive, UploadFile):
             raise _invalid("archive", "no archive: send a zip or tar file in the field 'archive'")
-        if not 0 <= fields.holdout_fraction < 1:
-            raise _invalid("holdout_fraction", "holdout_fraction must lie in [0, 1)")
         yield ImportPayload(
             archive=archive.file,
             archive_name=archive.filename or "archive",

@@ -287,3 +287,22 @@ def test_an_import_of_another_shape_than_the_pools_items_is_409_and_stores_nothi
     assert response.status_code == 409 and response.json()["error"] == "ShapeMismatch"
     assert "[5, 6, 3]" in response.json()["detail"] and "[8, 8]" in response.json()["detail"]
     assert row_counts(session) == before
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1.5, -0.1])
+def test_holdout_fraction_has_the_same_bounds_as_json_and_as_a_form(
+    client: TestClient, session: Session, admin: dict, fraction: float
+) -> None:
+    pool = make_pool(session, classes=["3", "5", "7"])
+    before = row_counts(session)
+    as_json = client.post(
+        f"/pools/{pool.id}/import",
+        json={"dataset": "digits", "holdout_fraction": fraction},
+        headers=admin,
+    )
+    as_form = _upload(client, pool.id, folder_archive(), admin, holdout_fraction=str(fraction))  # type: ignore[arg-type]
+    assert as_json.status_code == as_form.status_code == 422
+    json_error, form_error = as_json.json()["detail"][0], as_form.json()["detail"][0]
+    assert json_error["loc"] == form_error["loc"] == ["body", "holdout_fraction"]
+    assert json_error["type"] == form_error["type"] and json_error["msg"] == form_error["msg"]
+    assert row_counts(session) == before
