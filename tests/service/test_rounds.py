@@ -339,6 +339,9 @@ def test_an_unreachable_broker_is_503_and_the_round_is_marked_failed(
     assert response.status_code == 503 and response.json()["error"] == "BrokerUnavailable"
     [round_] = client.get(f"/pools/{pool_with_labels.id}/rounds", headers=admin).json()["data"]
     assert round_["status"] == "failed" and "broker" in round_["error"]
+    # The exception to "a refused request stores nothing" is documented where clients read.
+    description = client.get("/openapi.json").json()["paths"]["/rounds"]["post"]["description"]
+    assert "503" in description and "`failed`" in description
 
 
 def test_without_a_broker_enqueue_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

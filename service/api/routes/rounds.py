@@ -78,6 +78,10 @@ def create_round(
     With fewer labeled items than a round needs (`min_labeled`), the round starts cold:
     its items are picked by k-means coverage of the pool (`seeding`), unless
     `cold_start` is false, which makes it a 409.
+
+    The round is committed before it is sent to the broker (so the worker finds it). If the
+    broker cannot be reached, the answer is a 503 and the round stays recorded with status
+    `failed` and the reason in `error`: unlike other refusals, this one leaves a row behind.
     """
     pool = get_pool(session, body.pool_id)
     strategy = body.strategy or pool.default_strategy
