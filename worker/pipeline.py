@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from billiard.exceptions import SoftTimeLimitExceeded
-from PIL import Image
 from sklearn.decomposition import PCA
 from sqlalchemy import insert, update
 from sqlmodel import Session, col, select
 
 from service.blobs import BlobStore, FileBlobStore
 from service.db import get_engine
-from service.images import load_npy
+from service.images import decode_array, load_npy
 from service.models import (
     BlobFormat,
     DualValue,
@@ -267,7 +266,7 @@ def load_inputs(session: Session, pool: Pool, store: BlobStore) -> RoundInputs:
     holdout_mask = (splits == Split.holdout.value) & np.isin(ids, list(labels))
     unlabeled_mask = is_pool & ~labeled_mask
 
-    kind = "image" if arrays.dtype == np.uint8 and arrays.ndim in (3, 4) else "vector"
+    kind = str(pool.input_kind)
     reference = arrays[is_pool] if is_pool.any() else arrays
     labeled_x, pool_x, holdout_x = input_tensors(
         kind, reference, arrays[labeled_mask], arrays[unlabeled_mask], arrays[holdout_mask]
@@ -353,12 +352,7 @@ def pool_arrays(
 
 def _decode(store: BlobStore, fmt: str, key: str) -> np.ndarray:
     data = store.get(key)
-    if fmt == BlobFormat.npy:
-        return load_npy(data)
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("RGB")
-        return np.asarray(image)
+    return load_npy(data) if fmt == BlobFormat.npy else decode_array(data)
 
 
 def _cache_file(pool: Pool) -> Path:
