@@ -44,6 +44,10 @@ def _execute(round_id: int) -> str | None:
     return None if status is None else str(status)
 
 
+def _warm_up() -> None:
+    import worker.pipeline  # noqa: F401
+
+
 class EmbeddedRunner:
     def __init__(self, processes: int = 1, poll_seconds: float = 1.0):
         self.processes, self.poll_seconds = processes, poll_seconds
@@ -75,12 +79,27 @@ class EmbeddedRunner:
         self.stop()
 
     def _loop(self) -> None:
+        self._pool()
         while not self._stop.is_set():
             try:
                 self._dispatch()
             except Exception:  # the database may be briefly unreachable: try again next poll
                 log.exception("embedded runner: polling for rounds failed")
             self._stop.wait(self.poll_seconds)
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=context,
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
+            # Start the processes and import torch now, not when the first round waits.
+            for _ in range(self.processes):
+                self._executor.submit(_warm_up)
+        return self._executor
 
     def _dispatch(self) -> None:
         for round_id, future in list(self._running.items()):
@@ -96,15 +115,7 @@ class EmbeddedRunner:
         for round_id in due_rounds():
             if round_id in self._running:
                 continue
-            if self._executor is None:
-                context = multiprocessing.get_context("spawn")
-                self._executor = ProcessPoolExecutor(
-                    self.processes,
-                    mp_context=context,
-                    initializer=_exit_with_parent,
-                    initargs=(os.getpid(),),
-                )
-            self._running[round_id] = self._executor.submit(_execute, round_id)
+            self._running[round_id] = self._pool().submit(_execute, round_id)
             free -= 1
             if free == 0:
                 return
