@@ -84,10 +84,12 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def beat(self, phase: str, progress: float, force: bool = False) -> None:
+        """Record progress; written at once on a new phase, else at most every `every` s."""
+        new_phase = phase != self.phase
         self.phase, self.progress = phase, progress
         if self._lost is not None:
             raise self._lost
-        if force or time.monotonic() - self.last >= self.every:
+        if force or new_phase or time.monotonic() - self.last >= self.every:
             self._write()
 
     def _write(self) -> None:

@@ -161,3 +161,13 @@ def test_a_keep_alive_notices_a_cancel(round_id: int, monkeypatch: pytest.Monkey
         threading.Event().wait(1.0)
         with pytest.raises(Stopped):
             heartbeat.beat("train", 0.5)  # not due for a write: the keep-alive saw it
+
+
+def test_a_new_phase_is_written_at_once(round_id: int) -> None:
+    assert claim(round_id, "worker-a")
+    heartbeat = Heartbeat(round_id, "worker-a", every=3600)
+    heartbeat.beat("load", 0.0)
+    heartbeat.beat("load", 0.05)  # same phase within `every`: not written
+    heartbeat.beat("train", 0.1)
+    round_ = get_round(round_id)
+    assert round_.phase == "train" and round_.progress == pytest.approx(0.1)
