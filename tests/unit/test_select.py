@@ -108,3 +108,11 @@ def test_unknown_strategy_lists_the_valid_names():
 def test_budget_larger_than_the_pool_is_refused():
     with pytest.raises(ValueError, match="budget"):
         Ally().select(_evidence(n_pool=10), 11, seed=0)
+
+
+def test_a_benchmark_strategy_spec_with_an_unknown_parameter_is_a_clear_error():
+    from worker.ally.bench import parse_strategy
+
+    assert parse_strategy("ally:k=5+epsilon=auto") == Ally(k=5, epsilon="auto")
+    with pytest.raises(ValueError, match="bogus"):
+        parse_strategy("ally:bogus=1")

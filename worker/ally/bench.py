@@ -47,7 +47,10 @@ def parse_strategy(spec: str) -> Strategy:
         if not sep:
             raise ValueError(f"strategy parameter {pair!r} in {spec!r} is not key=value")
         kwargs[key] = _number(value)
-    return get_strategy(name, **kwargs)
+    try:
+        return get_strategy(name, **kwargs)
+    except TypeError as error:  # an unknown parameter name
+        raise ValueError(f"strategy {spec!r}: {error}") from None
 
 
 def _number(text: str) -> float | int | str:
