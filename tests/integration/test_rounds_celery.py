@@ -26,6 +26,7 @@ from sqlmodel import Session, select
 from service.datasets import packaged
 from service.db import make_engine
 from service.models import Label, Query, Round
+from tests.processes import children
 from worker.demo import Annotator
 
 pytestmark = pytest.mark.integration
@@ -357,18 +358,6 @@ def test_a_worker_killed_mid_round_is_replaced_and_the_round_completes_once(
     assert set(acknowledged) <= labels and len(acknowledged) == 80
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_a_pool_process_killed_mid_round_is_replaced_and_the_round_completes_once(
     deployment: Deployment,
     workers: Callable[[str], subprocess.Popen],
@@ -388,7 +377,7 @@ def test_a_pool_process_killed_mid_round_is_replaced_and_the_round_completes_onc
         "the round to train",
         every=0.1,
     )
-    [child] = _children(worker.pid)
+    [child] = children(worker.pid)
     os.kill(child, signal.SIGKILL)
     # The worker requeues the task (reject on worker lost) and forks a new pool process; the
     # round is claimed again once its lease has run out, through that redelivery (if the new
@@ -398,4 +387,4 @@ def test_a_pool_process_killed_mid_round_is_replaced_and_the_round_completes_onc
     assert done["attempts"] == 2 and done["error"] is None
     items = query_items(deployment, round_id)
     assert len(items) == len(set(items)) == 25
-    assert child not in _children(worker.pid) and len(_children(worker.pid)) == 1
+    assert child not in children(worker.pid) and len(children(worker.pid)) == 1

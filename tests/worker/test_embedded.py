@@ -7,13 +7,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from service.models import RoundStatus
 from service.settings import settings
+from tests.processes import alive, children
 from tests.worker.conftest import sqlite_only
 from tests.worker.factories import add_round, get_round, import_pool, label, queries
 from worker.embedded import EmbeddedRunner
@@ -50,26 +50,6 @@ def test_the_embedded_runner_runs_a_queued_round(child_env: dict[str, str]) -> N
     assert len(queries(round_id)) == 12 and get_round(round_id).attempts == 1
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 class Servers:
     """`ally serve` processes started by a test, and their children, all ended afterwards."""
 
@@ -92,7 +72,7 @@ class Servers:
         return process
 
     def children_of(self, process: subprocess.Popen) -> list[int]:
-        found = _children(process.pid)
+        found = children(process.pid)
         self.children += found
         return found
 
@@ -102,7 +82,7 @@ class Servers:
             process.kill()
             process.wait(timeout=30)
         for pid in self.children:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -124,9 +104,9 @@ def test_stopping_ally_serve_mid_round_leaves_no_round_process_behind(
     round_id = add_round(pool, budget=5, labeled=30)
     process = servers.start()
     wait_for(lambda: get_round(round_id).phase == "train", 90, "the round to train")
-    children = servers.children_of(process)
-    assert children
+    round_processes = servers.children_of(process)
+    assert round_processes
     process.send_signal(signal.SIGTERM)  # how the demo, systemd or docker stop the server
     process.wait(timeout=30)
-    wait_for(lambda: not any(_alive(pid) for pid in children), 10, "the round process to end")
+    wait_for(lambda: not any(alive(pid) for pid in round_processes), 10, "the round process to end")
     assert get_round(round_id).status == RoundStatus.running  # its lease will run out
