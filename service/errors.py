@@ -185,8 +185,30 @@ def _code(exc: HTTPException) -> str:
     return HTTPStatus(exc.status_code).phrase.replace(" ", "").replace("-", "")
 
 
+# FastAPI answers JSON it cannot decode with a 422, but a body its reader fails on before
+# that with a bare 400 "error parsing the body", the reader's error as the cause.
+_UNREADABLE_BODY: dict[type[Exception], str] = {
+    UnicodeDecodeError: "the body is not UTF-8 encoded JSON",
+    RecursionError: "the JSON body is nested too deeply",
+}
+
+
+def _unreadable_body(exc: HTTPException) -> str | None:
+    """Why FastAPI could not read the request's JSON body, if that is what `exc` reports."""
+    if isinstance(exc, ServiceError) or exc.status_code != 400:
+        return None
+    for cause, reason in _UNREADABLE_BODY.items():
+        if isinstance(exc.__cause__, cause):
+            return reason
+    return None
+
+
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    reason = _unreadable_body(exc)
+    if reason is not None:
+        # A malformed payload like any other: 422, as broken JSON is.
+        return _validation_response([{"loc": ["body"], "msg": reason, "type": "json_invalid"}])
     return JSONResponse(
         {"error": _code(exc), "detail": exc.detail},
         status_code=exc.status_code,
@@ -197,8 +219,13 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     # Drop pydantic's echo of the input: it may be a large upload or a secret.
-    detail = [
-        {key: value for key, value in error.items() if key in ("loc", "msg", "type")}
-        for error in exc.errors()
-    ]
-    return JSONResponse({"error": "ValidationError", "detail": detail}, status_code=422)
+    return _validation_response(
+        [
+            {key: value for key, value in error.items() if key in ("loc", "msg", "type")}
+            for error in exc.errors()
+        ]
+    )
+
+
+def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"error": "ValidationError", "detail": errors}, status_code=422)
