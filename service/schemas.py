@@ -47,6 +47,10 @@ ClassName = Annotated[
     AfterValidator(_printable),
 ]
 MAX_PAGE = 500
+# Ids are INTEGER columns, 32 bits on PostgreSQL: a larger number is a malformed id (422)
+# rather than a database error (500).
+MAX_ID = 2**31 - 1
+RowId = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 def _finite(value: Any) -> Any:
@@ -278,7 +282,7 @@ class RoundCreate(BaseModel):
         {"pool_id": 1, "strategy": "ally", "budget": 100, "params": {"epsilon": 0.2}, "seed": 0}
     )
 
-    pool_id: int
+    pool_id: RowId
     strategy: StrategyName | None = Field(default=None, description="Default: the pool's.")
     budget: int | None = Field(default=None, ge=1, description="Default: the pool's.")
     params: JsonObject = Field(
@@ -355,12 +359,12 @@ class QueriesPage(BaseModel):
 class LabelCreate(BaseModel):
     model_config = _examples({"item_id": 17, "value": "7", "round_id": 3})
 
-    item_id: int
+    item_id: RowId
     # Strict: JSON true is not the class "1", and "2.5" is not a number.
     value: StrictStr | Annotated[FiniteFloat, Strict()] = Field(
         description="A class name, or a finite number (for regression, or naming a digit class)."
     )
-    round_id: int | None = Field(
+    round_id: RowId | None = Field(
         default=None, description="Default: the latest round that queried the item."
     )
     annotator: Name | None = Field(default=None, description="Default: the API key's name.")

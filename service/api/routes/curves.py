@@ -8,7 +8,7 @@ from service.api.deps import AdminDep, SessionDep
 from service.crud import get_pool
 from service.errors import PoolNotFound, responses
 from service.models import Round, RoundStatus, Task
-from service.schemas import CurvePoint, LearningCurve
+from service.schemas import CurvePoint, LearningCurve, RowId
 
 router = APIRouter(tags=["rounds"])
 
@@ -50,7 +50,7 @@ def _plot(curve: LearningCurve, title: str) -> bytes:
     },
 )
 def read_learning_curve(
-    *, session: SessionDep, key: AdminDep, pool_id: int, format: Literal["json", "png"] = "json"
+    *, session: SessionDep, key: AdminDep, pool_id: RowId, format: Literal["json", "png"] = "json"
 ) -> LearningCurve | Response:
     """The holdout metric after each ready round, against the number of labeled items."""
     pool = get_pool(session, pool_id)

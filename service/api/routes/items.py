@@ -32,7 +32,7 @@ from service.errors import (
 from service.images import MEDIA_TYPES, inspect_image, load_npy, npy_bytes, png_from_array
 from service.importing import import_dataset, read_folder
 from service.models import BlobFormat, InputKind, Item, Pool
-from service.schemas import Duplicate, ImportSummary, ItemPublic, ItemsCreated
+from service.schemas import Duplicate, ImportSummary, ItemPublic, ItemsCreated, RowId
 from service.settings import settings
 
 router = APIRouter(tags=["items"])
@@ -221,7 +221,7 @@ def create_items(
     session: SessionDep,
     key: AdminDep,
     blobs: BlobsDep,
-    pool_id: int,
+    pool_id: RowId,
     payload: Annotated[ItemsPayload, Depends(items_payload)],
 ) -> ItemsCreated:
     """Add items: PNG/JPEG files as multipart (field `files`), or vectors as JSON.
@@ -258,7 +258,7 @@ def import_items(
     session: SessionDep,
     key: AdminDep,
     blobs: BlobsDep,
-    pool_id: int,
+    pool_id: RowId,
     payload: Annotated[ImportPayload, Depends(import_payload)],
 ) -> ImportSummary:
     """Import a whole dataset: a packaged one by name (JSON), or an uploaded archive.
@@ -307,7 +307,7 @@ def import_items(
     responses=responses(ItemNotFound),
 )
 def read_item(
-    *, request: Request, session: SessionDep, key: AnnotatorDep, blobs: BlobsDep, item_id: int
+    *, request: Request, session: SessionDep, key: AnnotatorDep, blobs: BlobsDep, item_id: RowId
 ) -> ItemPublic:
     """One item: its hash, shape, split and metadata, an image URL or the vector's values."""
     item = get_item(session, item_id)
@@ -329,7 +329,7 @@ def read_item(
     },
 )
 def read_item_image(
-    *, session: SessionDep, key: AnnotatorDep, blobs: BlobsDep, item_id: int
+    *, session: SessionDep, key: AnnotatorDep, blobs: BlobsDep, item_id: RowId
 ) -> Response:
     """The item's image: the uploaded PNG/JPEG bytes, or a PNG rendering of an array image."""
     item = get_item(session, item_id)

@@ -4,7 +4,7 @@ from service.api.deps import AdminDep, SessionDep
 from service.auth import create_key, list_keys, revoke_key
 from service.errors import KeyNotFound, responses
 from service.models import ApiKey
-from service.schemas import KeyCreate, KeyCreated, KeyPublic
+from service.schemas import KeyCreate, KeyCreated, KeyPublic, RowId
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -27,7 +27,7 @@ def read_api_keys(*, session: SessionDep, key: AdminDep) -> list[KeyPublic]:
 
 
 @router.post("/{key_id}/revoke", response_model=KeyPublic, responses=responses(KeyNotFound))
-def revoke_api_key(*, session: SessionDep, key: AdminDep, key_id: int) -> KeyPublic:
+def revoke_api_key(*, session: SessionDep, key: AdminDep, key_id: RowId) -> KeyPublic:
     """Revoke a key: requests with it get 401 from now on."""
     row = revoke_key(session, key_id)
     if row is None:

@@ -15,7 +15,7 @@ from service.api.deps import AdminDep, AnnotatorDep, SessionDep
 from service.crud import get_pool, label_value
 from service.errors import Forbidden, InvalidLabel, ItemNotFound, PoolNotFound, responses
 from service.models import Item, Label, Pool, Query, Role, Task
-from service.schemas import LabelCreate, LabelPublic, LabelsCreated
+from service.schemas import LabelCreate, LabelPublic, LabelsCreated, RowId
 
 router = APIRouter(tags=["labels"])
 
@@ -160,7 +160,7 @@ def export_labels(
     *,
     session: SessionDep,
     key: AdminDep,
-    pool_id: int,
+    pool_id: RowId,
     format: Literal["jsonl", "csv"] = "jsonl",
     history: Annotated[
         bool, QueryParam(description="Every label given, not only each item's latest.")

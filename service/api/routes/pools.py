@@ -8,7 +8,7 @@ from service.api.deps import AdminDep, SessionDep
 from service.crud import PoolCounts, get_pool, pool_counts
 from service.errors import PoolNameTaken, PoolNotFound, responses
 from service.models import Pool
-from service.schemas import MAX_PAGE, PoolCreate, PoolPublic, PoolsPublic
+from service.schemas import MAX_PAGE, PoolCreate, PoolPublic, PoolsPublic, RowId
 
 router = APIRouter(prefix="/pools", tags=["pools"])
 
@@ -60,7 +60,7 @@ def read_pools(
 
 
 @router.get("/{pool_id}", response_model=PoolPublic, responses=responses(PoolNotFound))
-def read_pool(*, session: SessionDep, key: AdminDep, pool_id: int) -> PoolPublic:
+def read_pool(*, session: SessionDep, key: AdminDep, pool_id: RowId) -> PoolPublic:
     """One pool with its counts of items, labeled items, holdout items and rounds."""
     pool = get_pool(session, pool_id)
     return pool_public(pool, pool_counts(session, [pool_id])[pool_id])

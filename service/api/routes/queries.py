@@ -9,7 +9,7 @@ from sqlmodel import col, select
 from service.api.deps import AnnotatorDep, SessionDep
 from service.errors import RoundNotFound, RoundNotReady, responses
 from service.models import InputKind, Label, Pool, Query, Round, RoundStatus, utcnow
-from service.schemas import MAX_PAGE, Name, QueriesPage, QueryPublic
+from service.schemas import MAX_PAGE, Name, QueriesPage, QueryPublic, RowId
 from service.settings import settings
 
 router = APIRouter(tags=["queries"])
@@ -27,7 +27,7 @@ def read_queries(
     request: Request,
     session: SessionDep,
     key: AnnotatorDep,
-    round_id: int,
+    round_id: RowId,
     annotator: Annotated[
         Name | None,
         QueryParam(

@@ -23,7 +23,7 @@ from service.errors import (
     responses,
 )
 from service.models import ACTIVE_ROUND_STATUSES, Round, RoundStatus, utcnow
-from service.schemas import RoundCreate, RoundPublic, RoundsPublic
+from service.schemas import RoundCreate, RoundPublic, RoundsPublic, RowId
 from service.settings import settings
 from service.strategies import (
     CLASSIFICATION_ONLY,
@@ -159,7 +159,7 @@ def create_round(
 
 
 @router.get("/rounds/{round_id}", response_model=RoundPublic, responses=responses(RoundNotFound))
-def read_round(*, session: SessionDep, key: AdminDep, round_id: int) -> RoundPublic:
+def read_round(*, session: SessionDep, key: AdminDep, round_id: RowId) -> RoundPublic:
     """A round's status, phase, progress, timings, and its metrics once ready."""
     return round_public(get_round(session, round_id))
 
@@ -167,7 +167,7 @@ def read_round(*, session: SessionDep, key: AdminDep, round_id: int) -> RoundPub
 @router.get(
     "/pools/{pool_id}/rounds", response_model=RoundsPublic, responses=responses(PoolNotFound)
 )
-def read_pool_rounds(*, session: SessionDep, key: AdminDep, pool_id: int) -> RoundsPublic:
+def read_pool_rounds(*, session: SessionDep, key: AdminDep, pool_id: RowId) -> RoundsPublic:
     """The pool's rounds, oldest first."""
     get_pool(session, pool_id)
     rounds = session.exec(
@@ -181,7 +181,7 @@ def read_pool_rounds(*, session: SessionDep, key: AdminDep, pool_id: int) -> Rou
     response_model=RoundPublic,
     responses=responses(RoundNotFound, RoundNotCancellable),
 )
-def cancel_round(*, session: SessionDep, key: AdminDep, round_id: int) -> RoundPublic:
+def cancel_round(*, session: SessionDep, key: AdminDep, round_id: RowId) -> RoundPublic:
     """Cancel a queued or running round; its worker stops at the next checkpoint."""
     round_ = get_round(session, round_id)
     # Conditional, so a worker finishing the round at the same moment wins cleanly.
