@@ -30,6 +30,10 @@ class AllyParams(NoParams):
         default=None, gt=0, le=1, description="Skip items whose predicted dual is above this."
     )
     epsilon: Epsilon | None = Field(default=None, description="The constraint level, or 'auto'.")
+    confidence: bool = Field(
+        default=False,
+        description="Let the dual head see the model's sorted class probabilities as well.",
+    )
 
 
 class BadgeParams(NoParams):

@@ -5,7 +5,7 @@ import pytest
 
 from worker.ally.dual_head import fit_dual_head
 from worker.ally.registry import STRATEGIES, get_strategy
-from worker.ally.select import Ally, diverse_top
+from worker.ally.select import Ally, diverse_top, head_inputs
 from worker.ally.strategies import Evidence
 
 
@@ -116,3 +116,57 @@ def test_a_benchmark_strategy_spec_with_an_unknown_parameter_is_a_clear_error():
     assert parse_strategy("ally:k=5+epsilon=auto") == Ally(k=5, epsilon="auto")
     with pytest.raises(ValueError, match="bogus"):
         parse_strategy("ally:bogus=1")
+
+
+def test_head_inputs_append_the_sorted_class_probabilities():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(5, 3)).astype(np.float32)
+    logits = rng.normal(size=(5, 4)).astype(np.float32) * 3
+    inputs = head_inputs(embeddings, logits, "classification")
+    assert inputs.shape == (5, 7)
+    assert np.array_equal(inputs[:, :3], embeddings)
+    profile = inputs[:, 3:]
+    assert np.allclose(profile.sum(1), 1, atol=1e-6)
+    assert (np.diff(profile, axis=1) <= 0).all()  # most likely class first
+    assert np.allclose(profile[:, 0], np.exp(logits).max(1) / np.exp(logits).sum(1), atol=1e-6)
+    predictions = rng.normal(size=(5, 1)).astype(np.float32)
+    assert np.array_equal(
+        head_inputs(embeddings, predictions, "regression")[:, 3], predictions[:, 0]
+    )
+
+
+def _confidence_evidence(seed: int = 0) -> Evidence:
+    """Duals that depend only on how sure the model is; embeddings that tell nothing."""
+    rng = np.random.default_rng(seed)
+
+    def outputs(n: int) -> np.ndarray:
+        margin = rng.uniform(0, 6, size=n)  # logit gap between the top two classes
+        return np.stack([margin, np.zeros(n), np.full(n, -8.0)], axis=1).astype(np.float32)
+
+    labeled_outputs, pool_outputs = outputs(200), outputs(1000)
+    return Evidence(
+        task="classification",
+        labeled_ids=np.arange(200),
+        labeled_embeddings=rng.normal(size=(200, 4)).astype(np.float32),
+        duals=np.maximum(0, 3 - labeled_outputs[:, 0]),  # hard near the decision boundary
+        pool_ids=np.arange(1000) + 1000,
+        pool_embeddings=rng.normal(size=(1000, 4)).astype(np.float32),
+        pool_outputs=pool_outputs,
+        labeled_outputs=labeled_outputs,
+    )
+
+
+def test_confidence_lets_the_dual_head_find_items_near_the_decision_boundary():
+    evidence = _confidence_evidence()
+    gap = evidence.pool_outputs[:, 0]
+    with_profile = Ally(k=1, confidence=True).select(evidence, 50, seed=0)
+    blind = Ally(k=1).select(evidence, 50, seed=0)
+    assert np.corrcoef(with_profile.pool_scores, -gap)[0, 1] > 0.8
+    assert abs(np.corrcoef(blind.pool_scores, -gap)[0, 1]) < 0.3
+    assert gap[with_profile.ids - 1000].mean() < 1.5 < gap[blind.ids - 1000].mean()
+
+
+def test_confidence_needs_the_labeled_outputs():
+    evidence = _evidence()
+    with pytest.raises(ValueError, match="outputs on the labeled items"):
+        Ally(confidence=True).select(evidence, 5, seed=0)

@@ -110,7 +110,7 @@ def gather_evidence(
     """Embed the trained-on labeled items and the pool with the same (final) model."""
     position = {item: index for index, item in enumerate(np.asarray(labeled_ids).tolist())}
     trained_rows = torch.as_tensor([position[item] for item in trained.ids.tolist()])
-    labeled_h, _ = infer(trained.model, labeled_x[trained_rows])
+    labeled_h, labeled_out = infer(trained.model, labeled_x[trained_rows])
     pool_h, pool_out = infer(trained.model, pool_x)
     return Evidence(
         task=task,
@@ -120,6 +120,7 @@ def gather_evidence(
         pool_ids=np.asarray(pool_ids),
         pool_embeddings=pool_h.float().cpu().numpy(),
         pool_outputs=pool_out.float().cpu().numpy(),
+        labeled_outputs=labeled_out.float().cpu().numpy(),
     )
 
 

@@ -63,12 +63,15 @@ class Ally(Strategy):
 
     `k` clusters (default: the budget, the paper's choice); `dual_cap_quantile` passes over
     items whose predicted dual is above that quantile of the pool's (paper §4.4, outliers);
-    `epsilon` = the constraint level for training (default per task, or "auto").
+    `epsilon` = the constraint level for training (default per task, or "auto");
+    `confidence` appends the model's confidence profile to the embedding the dual head sees
+    (see `head_inputs`).
     """
 
     k: int | None = None
     dual_cap_quantile: float | None = None
     epsilon: float | str | None = None
+    confidence: bool = False
     head: DualHeadConfig = field(default_factory=DualHeadConfig)
 
     name = "ally"
@@ -82,8 +85,15 @@ class Ally(Strategy):
         if k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
         started = time.perf_counter()
-        head = fit_dual_head(evidence.labeled_embeddings, evidence.duals, seed, self.head)
-        predicted = head.predict(evidence.pool_embeddings)
+        if self.confidence and evidence.labeled_outputs is None:
+            raise ValueError("confidence needs the model's outputs on the labeled items")
+        labeled_inputs = evidence.labeled_embeddings
+        pool_inputs = evidence.pool_embeddings
+        if self.confidence:
+            labeled_inputs = head_inputs(labeled_inputs, evidence.labeled_outputs, evidence.task)
+            pool_inputs = head_inputs(pool_inputs, evidence.pool_outputs, evidence.task)
+        head = fit_dual_head(labeled_inputs, evidence.duals, seed, self.head)
+        predicted = head.predict(pool_inputs)
         head_seconds = time.perf_counter() - started
         labels = cluster(evidence.pool_embeddings, k, seed)
         cap = (
@@ -99,6 +109,23 @@ class Ally(Strategy):
             pool_scores=predicted,
             seconds={"dual_head": head_seconds},
         )
+
+
+def head_inputs(embeddings: np.ndarray, outputs: np.ndarray, task: Task) -> np.ndarray:
+    """Embeddings [N, d] with the model's confidence profile appended: [N, d + C] or [N, d + 1].
+
+    For classification, the class probabilities sorted in decreasing order: how sure the model
+    is, whatever the class. The embedding alone tells the head *where* an item lies; the
+    profile tells it how close the item is to a decision boundary, which is where hard
+    labeled samples (large duals) lie. For regression, the prediction itself.
+    """
+    if task == "classification":
+        logits = outputs - outputs.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        profile = -np.sort(-probabilities, axis=1)
+    else:
+        profile = outputs.reshape(len(outputs), -1)
+    return np.hstack([embeddings, profile.astype(np.float32)])
 
 
 def kmeans_coverage(features: np.ndarray, budget: int, seed: int) -> np.ndarray:

@@ -27,6 +27,7 @@ class Evidence:
     pool_ids: np.ndarray  # [N] item ids
     pool_embeddings: np.ndarray  # [N, d] float32
     pool_outputs: np.ndarray  # [N, C] logits (classification) or [N, 1] predictions
+    labeled_outputs: np.ndarray | None = None  # [L, C] or [L, 1], like pool_outputs
 
 
 @dataclass(frozen=True)
