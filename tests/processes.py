@@ -1,6 +1,9 @@
-"""Looking at processes through Linux /proc, for tests that kill and restart workers."""
+"""For tests that kill and restart processes: their children through Linux /proc, and waiting."""
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def children(pid: int) -> list[int]:
@@ -23,3 +26,15 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def wait_for(probe: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    """`probe()`'s first truthy value, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)

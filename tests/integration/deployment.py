@@ -11,12 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import redis
@@ -25,6 +23,7 @@ from sqlmodel import Session
 
 from service.db import make_engine
 from service.models import Round
+from tests.processes import wait_for
 from worker.demo import Annotator
 
 LEASE_SECONDS = 4
@@ -38,18 +37,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def wait_for(probe: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-    """`probe()`'s first truthy value, polled until `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
 
 
 def claim_redis_db(server: str) -> int:

@@ -25,9 +25,8 @@ from tests.integration.deployment import (
     deploy,
     query_items,
     start_round,
-    wait_for,
 )
-from tests.processes import children
+from tests.processes import children, wait_for
 from worker.demo import Annotator
 
 pytestmark = pytest.mark.integration
