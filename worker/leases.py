@@ -16,6 +16,7 @@ import time
 from datetime import timedelta
 
 from sqlalchemy import and_, case, false, func, or_, true, update
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, select
 
 from service.db import get_engine
@@ -84,13 +85,20 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def beat(self, phase: str, progress: float, force: bool = False) -> None:
-        """Record progress; written at once on a new phase, else at most every `every` s."""
+        """Record progress; written at once on a new phase, else at most every `every` s.
+
+        A lost database connection does not stop the work: the lease outlasts a short outage
+        and the next beat renews it, while `publish` checks that this worker still holds it.
+        """
         new_phase = phase != self.phase
         self.phase, self.progress = phase, progress
         if self._lost is not None:
             raise self._lost
         if force or new_phase or time.monotonic() - self.last >= self.every:
-            self._write()
+            try:
+                self._write()
+            except DBAPIError:
+                log.warning("round %s: heartbeat failed", self.round_id, exc_info=True)
 
     def _write(self) -> None:
         with self._writing:

@@ -5,14 +5,15 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, update
-from sqlmodel import Session, col
+from sqlalchemy import Engine, text, update
+from sqlmodel import Session, col, select
 
 from service.app import create_app
 from service.auth import create_key
 from service.db import get_engine
 from service.models import Role, Round, RoundStatus, utcnow
 from service.settings import settings
+from tests.processes import wait_for
 from tests.worker.factories import add_round, get_round, import_pool
 from worker.leases import Heartbeat, Stopped, claim, due_rounds, release, resend_due
 
@@ -171,3 +172,42 @@ def test_a_new_phase_is_written_at_once(round_id: int) -> None:
     heartbeat.beat("train", 0.1)
     round_ = get_round(round_id)
     assert round_.phase == "train" and round_.progress == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_heartbeat_outlives_its_connection_being_dropped(round_id: int, database: Engine) -> None:
+    """A connection terminated mid-write (a restart, a failover) does not stop the round."""
+    assert claim(round_id, "worker-a")
+    heartbeat = Heartbeat(round_id, "worker-a")
+    errors: list[BaseException] = []
+
+    def beat() -> None:
+        try:
+            heartbeat.beat("train", 0.3, force=True)
+        except BaseException as error:
+            errors.append(error)
+
+    with database.connect() as locker:
+        # Hold the round's row, so that the heartbeat's UPDATE is in flight when it is dropped.
+        locker.execute(select(Round.id).where(col(Round.id) == round_id).with_for_update())
+        holder = locker.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        beating = threading.Thread(target=beat)
+        beating.start()
+        waiting = wait_for(
+            lambda: locker.execute(
+                # pg_locks, not pg_stat_activity: that one is a snapshot within a transaction.
+                text("SELECT pid FROM pg_locks WHERE :holder = ANY(pg_blocking_pids(pid))"),
+                {"holder": holder},
+            ).scalar(),
+            10,
+            "the heartbeat to wait for the row",
+            every=0.05,
+        )
+        assert locker.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": waiting}).scalar()
+        locker.rollback()
+        beating.join(timeout=30)
+    assert not beating.is_alive() and errors == []
+    heartbeat.beat("train", 0.4, force=True)  # on a new connection
+    round_ = get_round(round_id)
+    assert (round_.status, round_.phase, round_.claimed_by) == ("running", "train", "worker-a")
+    assert round_.progress == pytest.approx(0.4)
