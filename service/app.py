@@ -7,12 +7,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from service.api.limits import BodyLimit
 from service.api.routes import curves, health, items, keys, labels, pools, queries, rounds
 from service.db import migrate
-from service.errors import http_error_handler, validation_error_handler
+from service.errors import database_error_handler, http_error_handler, validation_error_handler
 from service.schemas import ImportRequest, VectorItemsCreate
 from service.settings import settings
 
@@ -62,6 +63,7 @@ def create_app(*, migrate_on_startup: bool = True) -> FastAPI:
     )
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(DBAPIError, database_error_handler)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     for module in (pools, items, rounds, queries, labels, curves, keys, health):
         app.include_router(module.router)

@@ -3,6 +3,7 @@
 Every error response, ours or FastAPI's, has the body {"error": "...", "detail": "..."}.
 """
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -10,7 +11,10 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ErrorBody(BaseModel):
@@ -165,10 +169,14 @@ class BrokerUnavailable(Unavailable):
     pass
 
 
+class DatabaseUnavailable(Unavailable):
+    """The database connection was lost or refused: the request stored nothing; retry it."""
+
+
 def responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for a route: each status with the error codes it may carry."""
     by_status: dict[int, list[str]] = {422: ["ValidationError"]}
-    for error in (NotAuthenticated, Forbidden, *errors):
+    for error in (NotAuthenticated, Forbidden, DatabaseUnavailable, *errors):
         by_status.setdefault(error.status_code, []).append(error.error)
     return {
         status: {
@@ -229,3 +237,16 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse({"error": "ValidationError", "detail": errors}, status_code=422)
+
+
+async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A dropped or refused database connection is a 503 to retry, not a 500."""
+    assert isinstance(exc, DBAPIError)
+    if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+        raise exc  # a bug: the server error middleware answers 500 and logs it
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc.orig)
+    error = DatabaseUnavailable(
+        "the database is unavailable (connection lost or refused); nothing was stored, retry",
+        headers={"Retry-After": "1"},
+    )
+    return await http_error_handler(request, error)

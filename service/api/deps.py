@@ -26,8 +26,8 @@ def get_blobs() -> BlobStore:
     return FileBlobStore(settings.blob_dir)
 
 
-# scope="function": commit before the response is sent, so a failed commit is a 500
-# rather than a success the client was already told about.
+# scope="function": commit before the response is sent, so a failed commit is an error
+# (a 503 when the connection was lost) rather than a success the client was already told about.
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 

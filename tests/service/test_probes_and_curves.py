@@ -44,7 +44,9 @@ def test_readyz_names_a_broker_that_is_down(
     assert response.json()["checks"]["database"] == "ok"
 
 
-def test_readyz_names_a_database_that_is_down(client: TestClient, app) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def database_down(app) -> None:  # type: ignore[no-untyped-def]
+    """Requests get sessions on a server that refuses connections."""
     dead = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
 
     def unreachable():  # type: ignore[no-untyped-def]
@@ -52,9 +54,21 @@ def test_readyz_names_a_database_that_is_down(client: TestClient, app) -> None: 
             yield session
 
     app.dependency_overrides[get_db] = unreachable
+
+
+def test_readyz_names_a_database_that_is_down(client: TestClient, database_down: None) -> None:
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"].startswith("unreachable")
+
+
+def test_a_request_while_the_database_is_down_is_a_503_to_retry(
+    client: TestClient, admin: dict, database_down: None
+) -> None:
+    response = client.get("/pools", headers=admin)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"] == "DatabaseUnavailable"
+    assert "retry" in response.json()["detail"]
 
 
 def test_learning_curve_from_ready_rounds(
@@ -148,7 +162,7 @@ def test_every_route_documents_its_errors_and_json_bodies_have_examples(client: 
             if path in ("/healthz", "/readyz"):
                 continue
             responses = operation["responses"]
-            assert {"401", "403", "422"} <= responses.keys(), (method, path)
+            assert {"401", "403", "422", "503"} <= responses.keys(), (method, path)
             assert operation.get("description") or operation.get("summary"), (method, path)
     schemas = spec["components"]["schemas"]
     for name in ("PoolCreate", "RoundCreate", "LabelCreate", "VectorItemsCreate", "ImportRequest"):
