@@ -165,10 +165,6 @@ class Unavailable(ServiceError):
     status_code = 503
 
 
-class BrokerUnavailable(Unavailable):
-    pass
-
-
 class DatabaseUnavailable(Unavailable):
     """The database connection was lost or refused: the request stored nothing; retry it."""
 

@@ -327,7 +327,7 @@ def test_with_a_broker_the_round_is_sent_by_task_name_after_commit(
     broker.close()
 
 
-def test_an_unreachable_broker_is_503_and_the_round_is_marked_failed(
+def test_an_unreachable_broker_leaves_the_round_queued_for_the_workers_to_send(
     client: TestClient,
     session: Session,
     admin: dict,
@@ -336,12 +336,13 @@ def test_an_unreachable_broker_is_503_and_the_round_is_marked_failed(
 ) -> None:
     monkeypatch.setattr(settings, "broker_url", "redis://127.0.0.1:1/0")
     response = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
-    assert response.status_code == 503 and response.json()["error"] == "BrokerUnavailable"
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/rounds/{response.json()['id']}"
     [round_] = client.get(f"/pools/{pool_with_labels.id}/rounds", headers=admin).json()["data"]
-    assert round_["status"] == "failed" and "broker" in round_["error"]
-    # The exception to "a refused request stores nothing" is documented where clients read.
+    assert round_["status"] == "queued" and round_["error"] is None
+    # Clients read there why a 202 does not mean the broker has the round yet.
     description = client.get("/openapi.json").json()["paths"]["/rounds"]["post"]["description"]
-    assert "503" in description and "`failed`" in description
+    assert "broker" in description and "`queued`" in description
 
 
 def test_without_a_broker_enqueue_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

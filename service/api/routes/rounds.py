@@ -11,7 +11,6 @@ from service import jobs
 from service.api.deps import AdminDep, SessionDep
 from service.crud import get_pool, get_round, pool_counts
 from service.errors import (
-    BrokerUnavailable,
     BudgetTooLarge,
     InvalidParams,
     NotEnoughLabels,
@@ -67,7 +66,6 @@ def strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
         NotEnoughLabels,
         BudgetTooLarge,
         RoundInProgress,
-        BrokerUnavailable,
     ),
 )
 def create_round(
@@ -79,9 +77,10 @@ def create_round(
     its items are picked by k-means coverage of the pool (`seeding`), unless
     `cold_start` is false, which makes it a 409.
 
-    The round is committed before it is sent to the broker (so the worker finds it). If the
-    broker cannot be reached, the answer is a 503 and the round stays recorded with status
-    `failed` and the reason in `error`: unlike other refusals, this one leaves a row behind.
+    The round is committed, then sent to the workers through the broker. If the broker
+    cannot be reached the answer is still 202: the round stays `queued`, and the workers,
+    which sweep the database for queued rounds every `ALLY_ROUND_LEASE_SECONDS`, send it
+    again once the broker is back (a few lease periods later).
     """
     pool = get_pool(session, body.pool_id)
     strategy = body.strategy or pool.default_strategy
@@ -144,16 +143,10 @@ def create_round(
     session.commit()
     try:
         jobs.enqueue_round(round_.id)  # type: ignore[arg-type]
-    except Exception as e:
-        log.exception("could not enqueue round %s", round_.id)
-        round_.status = RoundStatus.failed
-        round_.error = f"could not reach the broker: {e}"
-        round_.finished_at = utcnow()
-        session.add(round_)
-        session.commit()
-        raise BrokerUnavailable(
-            f"round {round_.id} was not started: the task broker is unreachable ({e})"
-        ) from e
+    except Exception:
+        # The database, not the broker, is the state of record: the round is queued, and
+        # a worker's sweeper sends it once the broker answers again.
+        log.warning("round %s is queued but the broker is unreachable", round_.id, exc_info=True)
     response.headers["Location"] = f"/rounds/{round_.id}"
     return round_public(round_)
 
