@@ -1,11 +1,17 @@
-"""API keys: random, shown once, stored as their sha256 (no FastAPI here: the CLI uses it)."""
+"""API keys: random, shown once, stored as their sha256; the pools a key may see.
+
+No request handling here: the CLI uses it too.
+"""
 
 import hashlib
 import secrets
+from collections.abc import Collection, Sequence
 
+from sqlalchemy import ColumnElement, exists, or_, true
 from sqlmodel import Session, col, select
 
-from service.models import ApiKey, Role, utcnow
+from service.errors import InvalidKeyScope, PoolNotFound
+from service.models import ApiKey, ApiKeyPool, Pool, Role, utcnow
 
 KEY_PREFIX = "ally_"
 
@@ -15,13 +21,52 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, *, name: str, role: Role) -> tuple[ApiKey, str]:
-    """A new key row (flushed) and the key itself, which is not stored anywhere."""
+def create_key(
+    session: Session, *, name: str, role: Role, pools: Collection[int] = ()
+) -> tuple[ApiKey, str]:
+    """A new key row (flushed) and the key itself, which is not stored anywhere.
+
+    `pools` restricts an annotator key to those pools; without them it sees every pool.
+    """
+    if pools and role == Role.admin:
+        raise InvalidKeyScope("an admin key sees every pool; only annotator keys take pools")
+    pool_ids = sorted(set(pools))
+    found = set(session.exec(select(Pool.id).where(col(Pool.id).in_(pool_ids))).all())
+    missing = [pool_id for pool_id in pool_ids if pool_id not in found]
+    if missing:
+        raise PoolNotFound(f"no pools {missing}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name, role=role, key_hash=hash_key(key), prefix=key[: len(KEY_PREFIX) + 6])
     session.add(row)
     session.flush()
+    for pool_id in pool_ids:
+        session.add(ApiKeyPool(key_id=row.id, pool_id=pool_id))  # type: ignore[arg-type]
+    session.flush()
     return row, key
+
+
+def key_pools(session: Session, keys: Sequence[ApiKey]) -> list[list[int] | None]:
+    """The pools each key is restricted to, in the keys' order; None: every pool."""
+    restricted: dict[int | None, list[int]] = {}
+    for key_id, pool_id in session.exec(
+        select(ApiKeyPool.key_id, ApiKeyPool.pool_id)
+        .where(col(ApiKeyPool.key_id).in_([key.id for key in keys]))
+        .order_by(col(ApiKeyPool.key_id), col(ApiKeyPool.pool_id))
+    ):
+        restricted.setdefault(key_id, []).append(pool_id)
+    return [restricted.get(key.id) for key in keys]
+
+
+def sees_pool(key: ApiKey, pool_id: ColumnElement[int]) -> ColumnElement[bool]:
+    """SQL: `key` may see the rows of the pool in `pool_id`.
+
+    Routes add it to the query that loads the object, so a pool outside the key's set costs
+    no extra round trip and looks exactly like an object that does not exist.
+    """
+    if key.role == Role.admin:
+        return true()
+    granted = select(ApiKeyPool.pool_id).where(ApiKeyPool.key_id == key.id)
+    return or_(~exists(granted), pool_id.in_(granted))
 
 
 def find_key(session: Session, key: str) -> ApiKey | None:

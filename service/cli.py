@@ -10,7 +10,7 @@ import typer
 from sqlmodel import Session
 
 from service import archives
-from service.auth import create_key, list_keys, revoke_key
+from service.auth import create_key, key_pools, list_keys, revoke_key
 from service.blobs import FileBlobStore
 from service.crud import get_pool
 from service.db import get_engine, migrate
@@ -40,12 +40,21 @@ def _fail(message: str) -> None:
 def keys_create(
     role: Role = typer.Option(..., help="admin or annotator"),
     name: str = typer.Option(..., help="who or what uses the key, e.g. alice"),
+    pools: list[int] = typer.Option(
+        [], "--pool", help="restrict an annotator key to this pool (repeat for several)"
+    ),
 ) -> None:
     """Create an API key and print it; it is shown only this once."""
-    with _session() as session:
-        row, key = create_key(session, name=name, role=role)
+    try:
+        with _session() as session:
+            row, key = create_key(session, name=name, role=role, pools=pools)
+    except ServiceError as e:
+        _fail(str(e.detail))
+    scope = f"pools {sorted(set(pools))}" if pools else "every pool"
     typer.echo(key)
-    typer.echo(f"key {row.id} ({row.role}, {row.name}); it is not stored: keep it now", err=True)
+    typer.echo(
+        f"key {row.id} ({row.role}, {row.name}, {scope}); it is not stored: keep it now", err=True
+    )
 
 
 @keys_app.command("list")
@@ -53,9 +62,11 @@ def keys_list() -> None:
     """List API keys (never the keys themselves)."""
     with _session() as session:
         rows = list_keys(session)
-    for row in rows:
+        restrictions = key_pools(session, rows)
+    for row, pools in zip(rows, restrictions, strict=True):
         state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
-        typer.echo(f"{row.id}\t{row.role}\t{row.name}\t{row.prefix}...\t{state}")
+        scope = "pools " + ",".join(map(str, pools)) if pools else "all pools"
+        typer.echo(f"{row.id}\t{row.role}\t{row.name}\t{row.prefix}...\t{scope}\t{state}")
 
 
 @keys_app.command("revoke")

@@ -107,6 +107,12 @@ class InvalidParams(ServiceError):
     status_code = 422
 
 
+class InvalidKeyScope(ServiceError):
+    """A key's pools do not fit its role: admin keys are never restricted (422)."""
+
+    status_code = 422
+
+
 class Conflict(ServiceError):
     """The request clashes with the current state (409)."""
 

@@ -261,9 +261,20 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+class ApiKeyPool(SQLModel, table=True):
+    """A pool an annotator key is restricted to; a key with no rows here sees every pool."""
+
+    __tablename__ = "api_key_pools"
+
+    # The primary key (key_id, pool_id) is the index the per-request access check reads.
+    key_id: int = Field(foreign_key="api_keys.id", primary_key=True)
+    pool_id: int = Field(foreign_key="pools.id", primary_key=True)
+
+
 __all__ = [
     "ACTIVE_ROUND_STATUSES",
     "ApiKey",
+    "ApiKeyPool",
     "BlobFormat",
     "DualValue",
     "InputKind",

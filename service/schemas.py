@@ -406,16 +406,23 @@ class LearningCurve(BaseModel):
 
 
 class KeyCreate(BaseModel):
-    model_config = _examples({"name": "alice", "role": "annotator"})
+    model_config = _examples({"name": "alice", "role": "annotator", "pools": [3]})
 
     name: Name
     role: Role
+    pools: list[RowId] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="Restrict an annotator key to these pools; omit it to see every pool.",
+    )
 
 
 class KeyPublic(BaseModel):
     id: int
     name: str
     role: Role
+    pools: list[int] | None = Field(description="The pools the key is restricted to, or null.")
     prefix: str
     created_at: datetime
     revoked_at: datetime | None

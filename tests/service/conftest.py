@@ -3,7 +3,9 @@ test inside a transaction that is rolled back at the end (the handlers' commits 
 release savepoints)."""
 
 import contextlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,19 +41,19 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def _postgres_engine(server_url: str) -> Engine:
+def _postgres_engine(server_url: str, database: str = PG_DATABASE) -> Engine:
     """An engine on our own database, created if absent, so other suites never see our rows."""
     admin = make_engine(server_url)
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         exists = connection.execute(
-            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": PG_DATABASE}
+            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": database}
         ).first()
         if not exists:
             # Another test process may create it first.
             with contextlib.suppress(ProgrammingError):
-                connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
+                connection.execute(text(f'CREATE DATABASE "{database}"'))
     admin.dispose()
-    return make_engine(make_url(server_url).set(database=PG_DATABASE).render_as_string(False))
+    return make_engine(make_url(server_url).set(database=database).render_as_string(False))
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
@@ -65,6 +67,26 @@ def engine(
     migrate(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A database of the test's own with no tables, dropped afterwards: for migration tests,
+    which must not move the shared test database's schema."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+        yield engine
+        engine.dispose()
+        return
+    server_url = request.getfixturevalue("postgres_url")
+    database = f"ally_test_empty_{os.getpid()}"
+    engine = _postgres_engine(server_url, database)
+    yield engine
+    engine.dispose()
+    admin = make_engine(server_url)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f'DROP DATABASE "{database}"'))
+    admin.dispose()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from service import cli
-from service.auth import find_key
+from service.auth import find_key, key_pools
 from service.db import get_engine, migrate
 from service.models import ApiKey, Item, Label, Pool, Split
 from service.settings import settings
@@ -53,6 +53,48 @@ def test_keys_create_list_revoke(data_dir: Path) -> None:
 def test_keys_create_refuses_unknown_roles(data_dir: Path) -> None:
     result = runner.invoke(app, ["keys", "create", "--role", "root", "--name", "x"])
     assert result.exit_code != 0
+
+
+def _pools(*names: str) -> list[int]:
+    migrate()
+    with Session(get_engine()) as session:
+        pools = [Pool(name=n, task="regression", input_kind="vector") for n in names]
+        session.add_all(pools)
+        session.commit()
+        return [pool.id for pool in pools]  # type: ignore[misc]
+
+
+def test_keys_create_restricts_an_annotator_to_pools(data_dir: Path) -> None:
+    first, second, _ = _pools("a", "b", "c")
+    pool_flags = ["--pool", str(second), "--pool", str(first)]
+    created = runner.invoke(
+        app, ["keys", "create", "--role", "annotator", "--name", "bo", *pool_flags]
+    )
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip().splitlines()[0]
+    with Session(get_engine()) as session:
+        row = find_key(session, key)
+        assert row is not None and key_pools(session, [row]) == [[first, second]]
+    listed = runner.invoke(app, ["keys", "list"]).stdout
+    assert f"bo\t{key[:11]}...\tpools {first},{second}\tactive" in listed
+
+
+@pytest.mark.parametrize(
+    ("role", "pools", "message"),
+    [
+        ("annotator", ["1", "41", "42"], "no pools [41, 42]"),
+        ("admin", ["1"], "an admin key sees every pool"),
+    ],
+)
+def test_keys_create_refuses_bad_pools_and_stores_nothing(
+    data_dir: Path, role: str, pools: list[str], message: str
+) -> None:
+    _pools("a")
+    flags = [arg for pool in pools for arg in ("--pool", pool)]
+    result = runner.invoke(app, ["keys", "create", "--role", role, "--name", "x", *flags])
+    assert result.exit_code == 1 and message in result.output
+    with Session(get_engine()) as session:
+        assert session.exec(select(ApiKey)).all() == []
 
 
 def test_import_a_local_image_folder(data_dir: Path, tmp_path: Path) -> None:

@@ -6,14 +6,18 @@ import zipfile
 
 import numpy as np
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel, select
 
 from service.archives import extract
+from service.auth import create_key, key_pools
 from service.blobs import FileBlobStore, blob_key
+from service.db import alembic_config
 from service.errors import InvalidArchive, PayloadTooLarge
+from service.models import ApiKey, Pool, Role
 
 
 def test_blobs_are_content_addressed(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -52,6 +56,39 @@ def test_the_pool_split_index_exists(engine: Engine) -> None:
     with engine.connect() as connection:
         indexes = {i["name"]: i["column_names"] for i in inspect(connection).get_indexes("items")}
     assert indexes["ix_items_pool_id_split"] == ["pool_id", "split"]
+
+
+def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def test_pool_restricted_keys_migrate_up_and_down(empty_engine: Engine) -> None:
+    _migrate(empty_engine, "0003")
+    with Session(empty_engine, expire_on_commit=False) as session:
+        pool = Pool(name="p", task="regression", input_kind="vector")
+        session.add(pool)
+        old, _ = create_key(session, name="old", role=Role.annotator)
+        session.commit()
+    _migrate(empty_engine, "0004")
+    with Session(empty_engine) as session:
+        # Keys from before stay unrestricted; new ones may be restricted.
+        assert key_pools(session, [old]) == [None]
+        create_key(session, name="new", role=Role.annotator, pools=[pool.id])  # type: ignore[list-item]
+        session.commit()
+    # Down: the restricted key would see every pool, so it is revoked instead.
+    _migrate(empty_engine, "0003", down=True)
+    with empty_engine.connect() as connection:
+        assert "api_key_pools" not in inspect(connection).get_table_names()
+    with Session(empty_engine) as session:
+        revoked = {key.name: key.revoked_at for key in session.exec(select(ApiKey))}
+    assert revoked["old"] is None and revoked["new"] is not None
+    assert revoked["new"].tzinfo is not None
+    _migrate(empty_engine, "head")
+    with empty_engine.connect() as connection:
+        assert "api_key_pools" in inspect(connection).get_table_names()
 
 
 def _zip(files: dict[str, bytes]) -> io.BytesIO:

@@ -1,29 +1,42 @@
 from fastapi import APIRouter
+from sqlmodel import Session
 
 from service.api.deps import AdminDep, SessionDep
-from service.auth import create_key, list_keys, revoke_key
-from service.errors import KeyNotFound, responses
+from service.auth import create_key, key_pools, list_keys, revoke_key
+from service.errors import InvalidKeyScope, KeyNotFound, PoolNotFound, responses
 from service.models import ApiKey
 from service.schemas import KeyCreate, KeyCreated, KeyPublic, RowId
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
 
-def key_public(row: ApiKey) -> KeyPublic:
-    return KeyPublic.model_validate(row.model_dump())
+def _public(session: Session, rows: list[ApiKey]) -> list[KeyPublic]:
+    """The keys as the API shows them, with their pools (one query for all of them)."""
+    return [
+        KeyPublic.model_validate({**row.model_dump(), "pools": pools})
+        for row, pools in zip(rows, key_pools(session, rows), strict=True)
+    ]
 
 
-@router.post("", status_code=201, response_model=KeyCreated, responses=responses())
+@router.post(
+    "",
+    status_code=201,
+    response_model=KeyCreated,
+    responses=responses(PoolNotFound, InvalidKeyScope),
+)
 def create_api_key(*, session: SessionDep, key: AdminDep, body: KeyCreate) -> KeyCreated:
-    """Create an API key; the response shows the key itself, this once."""
-    row, secret = create_key(session, name=body.name, role=body.role)
-    return KeyCreated(**key_public(row).model_dump(), key=secret)
+    """Create an API key; the response shows the key itself, this once.
+
+    An annotator key given `pools` sees only those pools' items, queries and labels.
+    """
+    row, secret = create_key(session, name=body.name, role=body.role, pools=body.pools or ())
+    return KeyCreated(**_public(session, [row])[0].model_dump(), key=secret)
 
 
 @router.get("", response_model=list[KeyPublic], responses=responses())
 def read_api_keys(*, session: SessionDep, key: AdminDep) -> list[KeyPublic]:
     """All API keys, revoked ones included (never the keys themselves)."""
-    return [key_public(row) for row in list_keys(session)]
+    return _public(session, list_keys(session))
 
 
 @router.post("/{key_id}/revoke", response_model=KeyPublic, responses=responses(KeyNotFound))
@@ -32,4 +45,4 @@ def revoke_api_key(*, session: SessionDep, key: AdminDep, key_id: RowId) -> KeyP
     row = revoke_key(session, key_id)
     if row is None:
         raise KeyNotFound(f"no API key {key_id}")
-    return key_public(row)
+    return _public(session, [row])[0]
