@@ -47,10 +47,12 @@ ClassName = Annotated[
     AfterValidator(_printable),
 ]
 MAX_PAGE = 500
-# Ids are INTEGER columns, 32 bits on PostgreSQL: a larger number is a malformed id (422)
-# rather than a database error (500).
-MAX_ID = 2**31 - 1
-RowId = Annotated[int, Field(ge=1, le=MAX_ID)]
+# Ids, budgets and seeds are INTEGER columns, 32 bits on PostgreSQL: a larger number is
+# invalid input (422) rather than a database error (500).
+MAX_INT = 2**31 - 1
+RowId = Annotated[int, Field(ge=1, le=MAX_INT)]
+Budget = Annotated[int, Field(ge=1, le=MAX_INT)]
+Seed = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 
 def _finite(value: Any) -> Any:
@@ -139,7 +141,7 @@ class PoolCreate(BaseModel):
     input_kind: InputKind
     model_spec: ModelSpec = Field(default_factory=ModelSpec, description="Options for training.")
     default_strategy: StrategyName = "ally"
-    default_budget: int = Field(default=100, ge=1)
+    default_budget: Budget = 100
     default_epsilon: Epsilon | None = Field(
         default=None, description="ALLY's constraint level when a round gives none, or 'auto'."
     )
@@ -255,7 +257,7 @@ class ImportRequest(BaseModel):
         "the holdout split's labels are stored, as the evaluation set).",
     )
     holdout_fraction: HoldoutFraction = 0.0
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _known(self) -> "ImportRequest":
@@ -284,14 +286,14 @@ class RoundCreate(BaseModel):
 
     pool_id: RowId
     strategy: StrategyName | None = Field(default=None, description="Default: the pool's.")
-    budget: int | None = Field(default=None, ge=1, description="Default: the pool's.")
+    budget: Budget | None = Field(default=None, description="Default: the pool's.")
     params: JsonObject = Field(
         default_factory=dict,
         description="The strategy's parameters: "
         + "; ".join(f"{name}: {accepted_params(name)}" for name in PARAMS)
         + ". ALLY's epsilon defaults to the pool's.",
     )
-    seed: int = 0
+    seed: Seed = 0
     cold_start: bool = Field(
         default=True,
         description="With too few labels, seed the pool by k-means coverage (true) or refuse "

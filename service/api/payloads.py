@@ -16,7 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from service.errors import ImageTooLarge, UnsupportedMediaType
 from service.models import Split
-from service.schemas import HoldoutFraction, ImportRequest, JsonObject, VectorItemsCreate
+from service.schemas import HoldoutFraction, ImportRequest, JsonObject, Seed, VectorItemsCreate
 from service.settings import settings
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -73,7 +73,7 @@ class _FormFields(BaseModel):
     meta: JsonObject = {}
     with_labels: bool = False
     holdout_fraction: HoldoutFraction = 0.0
-    seed: int = 0
+    seed: Seed = 0
 
 
 def _form_fields(form: FormData) -> _FormFields:

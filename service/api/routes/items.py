@@ -32,7 +32,7 @@ from service.errors import (
 from service.images import MEDIA_TYPES, inspect_image, load_npy, npy_bytes, png_from_array
 from service.importing import import_dataset, read_folder
 from service.models import BlobFormat, InputKind, Item, Pool
-from service.schemas import Duplicate, ImportSummary, ItemPublic, ItemsCreated, RowId
+from service.schemas import MAX_INT, Duplicate, ImportSummary, ItemPublic, ItemsCreated, RowId
 from service.settings import settings
 
 router = APIRouter(tags=["items"])
@@ -90,8 +90,13 @@ _IMPORT_BODY: dict[str, Any] = {
                             "and test/; test becomes the holdout split).",
                         },
                         "with_labels": {"type": "boolean", "default": False},
-                        "holdout_fraction": {"type": "number", "default": 0},
-                        "seed": {"type": "integer", "default": 0},
+                        "holdout_fraction": {
+                            "type": "number",
+                            "default": 0,
+                            "minimum": 0,
+                            "exclusiveMaximum": 1,
+                        },
+                        "seed": {"type": "integer", "default": 0, "minimum": 0, "maximum": MAX_INT},
                     },
                 }
             },

@@ -12,6 +12,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from service.api.deps import AdminDep, AnnotatorDep, SessionDep
+from service.auth import sees_pool
 from service.crud import get_pool, label_value
 from service.errors import Forbidden, InvalidLabel, ItemNotFound, PoolNotFound, responses
 from service.models import Item, Label, Pool, Query, Role, Task
@@ -73,7 +74,8 @@ def create_labels(
     """Record one label or many; repeating an annotator's current label changes nothing.
 
     A label belongs to the round that queried the item (by default the latest such round).
-    Labels on items no round queried are seed labels, which only admins may give.
+    Labels on items no round queried are seed labels, which only admins may give. To a key
+    restricted to some pools, items of other pools do not exist.
     """
     inputs = body if isinstance(body, list) else [body]
     item_ids = {i.item_id for i in inputs}
@@ -82,7 +84,7 @@ def create_labels(
         for row in session.exec(
             select(Item.id, Item.pool_id, Pool.task, Pool.classes)
             .join(Pool, col(Pool.id) == col(Item.pool_id))
-            .where(col(Item.id).in_(item_ids))
+            .where(col(Item.id).in_(item_ids), sees_pool(key, col(Item.pool_id)))
         ).all()
     }
     missing = sorted(item_ids - items.keys())

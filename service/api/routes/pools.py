@@ -8,7 +8,7 @@ from service.api.deps import AdminDep, SessionDep
 from service.crud import PoolCounts, get_pool, pool_counts
 from service.errors import PoolNameTaken, PoolNotFound, responses
 from service.models import Pool
-from service.schemas import MAX_PAGE, PoolCreate, PoolPublic, PoolsPublic, RowId
+from service.schemas import MAX_INT, MAX_PAGE, PoolCreate, PoolPublic, PoolsPublic, RowId
 
 router = APIRouter(prefix="/pools", tags=["pools"])
 
@@ -49,7 +49,7 @@ def read_pools(
     *,
     session: SessionDep,
     key: AdminDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> PoolsPublic:
     """List pools with their item, label and round counts."""

@@ -9,7 +9,7 @@ from sqlmodel import col, select
 from service.api.deps import AnnotatorDep, SessionDep
 from service.errors import RoundNotFound, RoundNotReady, responses
 from service.models import InputKind, Label, Pool, Query, Round, RoundStatus, utcnow
-from service.schemas import MAX_PAGE, Name, QueriesPage, QueryPublic, RowId
+from service.schemas import MAX_INT, MAX_PAGE, Name, QueriesPage, QueryPublic, RowId
 from service.settings import settings
 
 router = APIRouter(tags=["queries"])
@@ -35,7 +35,7 @@ def read_queries(
             "annotators get disjoint work; leases expire after `lease_seconds`."
         ),
     ] = None,
-    offset: Annotated[int, QueryParam(ge=0)] = 0,
+    offset: Annotated[int, QueryParam(ge=0, le=MAX_INT)] = 0,
     limit: Annotated[int, QueryParam(ge=1, le=MAX_PAGE)] = 50,
 ) -> QueriesPage:
     """The items a round asks to label, best first, each with its image URL, score and cluster.
