@@ -315,7 +315,7 @@ def read_item(
     *, request: Request, session: SessionDep, key: AnnotatorDep, blobs: BlobsDep, item_id: RowId
 ) -> ItemPublic:
     """One item: its hash, shape, split and metadata, an image URL or the vector's values."""
-    item = get_item(session, item_id)
+    item = get_item(session, item_id, seen_by=key)
     vector = None
     if item.kind == InputKind.vector:
         vector = load_npy(blobs.get(item.sha256)).astype(float).tolist()
@@ -337,7 +337,7 @@ def read_item_image(
     *, session: SessionDep, key: AnnotatorDep, blobs: BlobsDep, item_id: RowId
 ) -> Response:
     """The item's image: the uploaded PNG/JPEG bytes, or a PNG rendering of an array image."""
-    item = get_item(session, item_id)
+    item = get_item(session, item_id, seen_by=key)
     if item.kind != InputKind.image:
         raise NoImage(f"item {item_id} is a vector; it has no image")
     data = blobs.get(item.sha256)

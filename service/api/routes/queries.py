@@ -7,6 +7,7 @@ from sqlalchemy import and_, exists, func, or_, update
 from sqlmodel import col, select
 
 from service.api.deps import AnnotatorDep, SessionDep
+from service.auth import sees_pool
 from service.errors import RoundNotFound, RoundNotReady, responses
 from service.models import InputKind, Label, Pool, Query, Round, RoundStatus, utcnow
 from service.schemas import MAX_INT, MAX_PAGE, Name, QueriesPage, QueryPublic, RowId
@@ -46,7 +47,7 @@ def read_queries(
     found = session.exec(
         select(Round.status, Round.pool_id, Pool.task, Pool.classes, Pool.input_kind)
         .join(Pool, col(Pool.id) == col(Round.pool_id))
-        .where(Round.id == round_id)
+        .where(Round.id == round_id, sees_pool(key, col(Round.pool_id)))
     ).first()
     if found is None:
         raise RoundNotFound(f"no round {round_id}")
