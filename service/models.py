@@ -48,7 +48,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 class EpsilonText(TypeDecorator[float | str]):
     """A constraint level: a number, or "auto"; stored as text so both fit one column."""
 
-    impl = String(20)
+    impl = String(32)  # the longest float repr, "2.2250738585072014e-308", has 23 characters
     cache_ok = True
 
     def process_bind_param(self, value: float | str | None, dialect: Dialect) -> str | None:

@@ -144,7 +144,7 @@ def test_a_duplicate_pool_name_is_409_and_stores_nothing(
     assert row_counts(session) == before
 
 
-@pytest.mark.parametrize("epsilon", [0.25, "auto"])
+@pytest.mark.parametrize("epsilon", [0.25, "auto", 2.2250738585072014e-308, 9.693632633465546e307])
 def test_the_default_epsilon_is_a_number_or_auto(
     client: TestClient, admin: dict, epsilon: object
 ) -> None:
