@@ -46,6 +46,9 @@ ClassName = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
     AfterValidator(_printable),
 ]
+Description = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=200), AfterValidator(_printable)
+]
 MAX_PAGE = 500
 # Ids, budgets and seeds are INTEGER columns, 32 bits on PostgreSQL: a larger number is
 # invalid input (422) rather than a database error (500).
@@ -135,8 +138,8 @@ class PoolCreate(BaseModel):
     classes: list[ClassName] | None = Field(
         default=None, description="Class names, required for classification, in label order."
     )
-    target: str | None = Field(
-        default=None, max_length=200, description="What a regression target measures."
+    target: Description | None = Field(
+        default=None, description="What a regression target measures."
     )
     input_kind: InputKind
     model_spec: ModelSpec = Field(default_factory=ModelSpec, description="Options for training.")

@@ -103,6 +103,10 @@ BAD_POOLS: list[tuple[str, dict[str, Any]]] = [
     ("empty name", {**MNIST, "name": "  "}),
     ("zero budget", {**MNIST, "default_budget": 0}),
     ("budget past 32 bits", {**MNIST, "default_budget": 2**31}),
+    (
+        "NUL in the target",
+        {"name": "r", "task": "regression", "input_kind": "vector", "target": "a\x00b"},
+    ),
     ("NaN in the model spec", {**MNIST, "model_spec": {"training": {"primal_lr": float("nan")}}}),
     ("unknown network", {**MNIST, "model_spec": {"network": "lenet"}}),
     ("unknown model spec key", {**MNIST, "model_spec": {"lr": 0.1}}),
