@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from collections.abc import Collection, Sequence
 
-from sqlalchemy import ColumnElement, exists, or_, true
+from sqlalchemy import ColumnElement, true
 from sqlmodel import Session, col, select
 
 from service.errors import InvalidKeyScope, PoolNotFound
@@ -57,16 +57,33 @@ def key_pools(session: Session, keys: Sequence[ApiKey]) -> list[list[int] | None
     return [restricted.get(key.id) for key in keys]
 
 
-def sees_pool(key: ApiKey, pool_id: ColumnElement[int]) -> ColumnElement[bool]:
+# A key's pools are stored with the key and never change (to change them, create a new key
+# and revoke the old one), so each process reads them once per key: the hot routes then pay
+# nothing for unrestricted keys. Keyed by the key's hash, which no other key ever shares.
+_pools_by_key_hash: dict[str, frozenset[int] | None] = {}
+_MAX_CACHED_KEYS = 100_000
+
+
+def restricted_pools(session: Session, key: ApiKey) -> frozenset[int] | None:
+    """The pools an annotator key is restricted to; None: every pool (always for admins)."""
+    if key.role == Role.admin:
+        return None
+    if key.key_hash not in _pools_by_key_hash:
+        pool_ids = session.exec(select(ApiKeyPool.pool_id).where(ApiKeyPool.key_id == key.id))
+        if len(_pools_by_key_hash) >= _MAX_CACHED_KEYS:
+            _pools_by_key_hash.clear()
+        _pools_by_key_hash[key.key_hash] = frozenset(pool_ids) or None
+    return _pools_by_key_hash[key.key_hash]
+
+
+def sees_pool(session: Session, key: ApiKey, pool_id: ColumnElement[int]) -> ColumnElement[bool]:
     """SQL: `key` may see the rows of the pool in `pool_id`.
 
-    Routes add it to the query that loads the object, so a pool outside the key's set costs
-    no extra round trip and looks exactly like an object that does not exist.
+    Routes add it to the query that loads the object, so another pool's object looks exactly
+    like one that does not exist; past a key's first request it costs no round trip.
     """
-    if key.role == Role.admin:
-        return true()
-    granted = select(ApiKeyPool.pool_id).where(ApiKeyPool.key_id == key.id)
-    return or_(~exists(granted), pool_id.in_(granted))
+    pools = restricted_pools(session, key)
+    return true() if pools is None else pool_id.in_(sorted(pools))
 
 
 def find_key(session: Session, key: str) -> ApiKey | None:

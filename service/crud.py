@@ -21,7 +21,7 @@ def get_pool(session: Session, pool_id: int) -> Pool:
 def get_item(session: Session, item_id: int, *, seen_by: ApiKey) -> Item:
     """The item, if it exists and `seen_by` may see its pool (else the same 404)."""
     item = session.exec(
-        select(Item).where(Item.id == item_id, sees_pool(seen_by, col(Item.pool_id)))
+        select(Item).where(Item.id == item_id, sees_pool(session, seen_by, col(Item.pool_id)))
     ).first()
     if item is None:
         raise ItemNotFound(f"no item {item_id}")

@@ -10,7 +10,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlmodel import Session
 
+from service.auth import create_key
 from service.blobs import FileBlobStore
+from service.models import Role, Round
 from tests.service.factories import make_items, make_pool, make_round
 
 
@@ -40,10 +42,16 @@ def round_of(session: Session, blobs: FileBlobStore):  # type: ignore[no-untyped
     return build
 
 
+def warm_up(client: TestClient, headers: dict[str, str], round_id: int) -> None:
+    """A first request, which fills the per-process cache of the key's pools."""
+    assert client.get(f"/queries/{round_id}", headers=headers).status_code == 200
+
+
 @pytest.mark.parametrize("annotator_param", ["", "&annotator=alice"])
 def test_get_queries_runs_a_fixed_number_of_statements(
     client: TestClient, session: Session, annotator: dict, round_of, annotator_param: str
 ) -> None:
+    warm_up(client, annotator, round_of(1)[0])
     counts = []
     for n in (2, 30):
         round_id, _ = round_of(n)
@@ -58,6 +66,7 @@ def test_get_queries_runs_a_fixed_number_of_statements(
 def test_post_labels_runs_a_fixed_number_of_statements(
     client: TestClient, session: Session, annotator: dict, round_of
 ) -> None:
+    warm_up(client, annotator, round_of(1)[0])
     counts = []
     for n in (2, 30):
         _, item_ids = round_of(n)
@@ -72,3 +81,22 @@ def test_post_labels_runs_a_fixed_number_of_statements(
             seen = list(dict.fromkeys(seen))
         counts.append(len(seen))
     assert counts[0] == counts[1] <= 6
+
+
+@pytest.mark.parametrize("restricted", [False, True], ids=["every pool", "one pool"])
+def test_a_keys_pools_are_read_once_per_process(
+    client: TestClient, session: Session, round_of, restricted: bool
+) -> None:
+    round_id, _ = round_of(3)
+    pools = [session.get(Round, round_id).pool_id] if restricted else []  # type: ignore[union-attr]
+    _, key = create_key(session, name="rita", role=Role.annotator, pools=pools)
+    session.commit()
+    counts = []
+    for _ in range(3):
+        with statements(session) as seen:
+            response = client.get(
+                f"/queries/{round_id}", headers={"Authorization": f"Bearer {key}"}
+            )
+        assert response.status_code == 200
+        counts.append(len(seen))
+    assert counts[0] == counts[1] + 1 == counts[2] + 1

@@ -84,7 +84,7 @@ def create_labels(
         for row in session.exec(
             select(Item.id, Item.pool_id, Pool.task, Pool.classes)
             .join(Pool, col(Pool.id) == col(Item.pool_id))
-            .where(col(Item.id).in_(item_ids), sees_pool(key, col(Item.pool_id)))
+            .where(col(Item.id).in_(item_ids), sees_pool(session, key, col(Item.pool_id)))
         ).all()
     }
     missing = sorted(item_ids - items.keys())

@@ -47,7 +47,7 @@ def read_queries(
     found = session.exec(
         select(Round.status, Round.pool_id, Pool.task, Pool.classes, Pool.input_kind)
         .join(Pool, col(Pool.id) == col(Round.pool_id))
-        .where(Round.id == round_id, sees_pool(key, col(Round.pool_id)))
+        .where(Round.id == round_id, sees_pool(session, key, col(Round.pool_id)))
     ).first()
     if found is None:
         raise RoundNotFound(f"no round {round_id}")
