@@ -5,6 +5,7 @@ member count are capped while copying, whatever the archive's headers claim.
 """
 
 import lzma
+import os
 import shutil
 import tarfile
 import zipfile
@@ -82,6 +83,9 @@ def _untar(archive: tarfile.TarFile, dest: Path, budget: _Budget) -> None:
 def extract(fileobj: BinaryIO, dest: Path, *, max_bytes: int, max_members: int) -> None:
     """Unpack a zip or (compressed) tar archive into the empty folder `dest`."""
     budget = _Budget(max_bytes, max_members)
+    if fileobj.seek(0, os.SEEK_END) == 0:
+        raise InvalidArchive("the archive is an empty file (0 bytes)")
+    fileobj.seek(0)
     try:
         if zipfile.is_zipfile(fileobj):
             fileobj.seek(0)

@@ -54,6 +54,8 @@ def inspect_image(data: bytes, name: str, max_bytes: int, max_pixels: int) -> Im
     """
     if len(data) > max_bytes:
         raise ImageTooLarge(f"{name}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if not data:
+        raise InvalidImage(f"{name}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # We apply our own, lower, pixel limit below.
