@@ -62,8 +62,22 @@ def _validate_json(model: type[Body], raw: bytes) -> Body:
         raise RequestValidationError(errors) from None
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def _is(request: Request, media_type: str) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() == media_type
+    return _media_type(request) == media_type
+
+
+def require_json(request: Request) -> None:
+    """415 for a body declared as anything but JSON: FastAPI would hand its bytes to the
+    model and answer with a puzzling 422 ("Input should be a valid dictionary")."""
+    media_type = _media_type(request)
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"send the body as JSON (Content-Type: application/json), not as {media_type}"
+        )
 
 
 class _FormFields(BaseModel):

@@ -1,9 +1,16 @@
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from sqlmodel import Session
 
 from service.api.deps import AdminDep, SessionDep
+from service.api.payloads import require_json
 from service.auth import create_key, key_pools, list_keys, revoke_key
-from service.errors import InvalidKeyScope, KeyNotFound, PoolNotFound, responses
+from service.errors import (
+    InvalidKeyScope,
+    KeyNotFound,
+    PoolNotFound,
+    UnsupportedMediaType,
+    responses,
+)
 from service.models import ApiKey
 from service.schemas import KeyCreate, KeyCreated, KeyPublic, RowId
 
@@ -22,7 +29,8 @@ def _public(session: Session, rows: list[ApiKey]) -> list[KeyPublic]:
     "",
     status_code=201,
     response_model=KeyCreated,
-    responses=responses(PoolNotFound, InvalidKeyScope),
+    dependencies=[Depends(require_json)],
+    responses=responses(PoolNotFound, InvalidKeyScope, UnsupportedMediaType),
 )
 def create_api_key(*, session: SessionDep, key: AdminDep, body: KeyCreate) -> KeyCreated:
     """Create an API key; the response shows the key itself, this once.

@@ -5,16 +5,24 @@ import math
 from typing import Annotated, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Depends, Response
 from fastapi import Query as QueryParam
 from pydantic import Field
 from sqlalchemy import func
 from sqlmodel import col, select
 
 from service.api.deps import AdminDep, AnnotatorDep, SessionDep
+from service.api.payloads import require_json
 from service.auth import sees_pool
 from service.crud import get_pool, label_value
-from service.errors import Forbidden, InvalidLabel, ItemNotFound, PoolNotFound, responses
+from service.errors import (
+    Forbidden,
+    InvalidLabel,
+    ItemNotFound,
+    PoolNotFound,
+    UnsupportedMediaType,
+    responses,
+)
 from service.models import Item, Label, Pool, Query, Role, Task
 from service.schemas import LabelCreate, LabelPublic, LabelsCreated, RowId
 
@@ -54,7 +62,8 @@ def _answer(value: str | float, task: str, classes: list[str] | None, item_id: i
 @router.post(
     "/labels",
     response_model=LabelsCreated,
-    responses=responses(ItemNotFound, InvalidLabel),
+    dependencies=[Depends(require_json)],
+    responses=responses(ItemNotFound, InvalidLabel, UnsupportedMediaType),
 )
 def create_labels(
     *,

@@ -1,12 +1,13 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from service.api.deps import AdminDep, SessionDep
+from service.api.payloads import require_json
 from service.crud import PoolCounts, get_pool, pool_counts
-from service.errors import PoolNameTaken, PoolNotFound, responses
+from service.errors import PoolNameTaken, PoolNotFound, UnsupportedMediaType, responses
 from service.models import Pool
 from service.schemas import MAX_INT, MAX_PAGE, PoolCreate, PoolPublic, PoolsPublic, RowId
 
@@ -27,7 +28,13 @@ def _name_taken(session: Session, name: str) -> bool:
     return session.exec(select(Pool.id).where(Pool.name == name)).first() is not None
 
 
-@router.post("", status_code=201, response_model=PoolPublic, responses=responses(PoolNameTaken))
+@router.post(
+    "",
+    status_code=201,
+    response_model=PoolPublic,
+    dependencies=[Depends(require_json)],
+    responses=responses(PoolNameTaken, UnsupportedMediaType),
+)
 def create_pool(*, session: SessionDep, key: AdminDep, body: PoolCreate) -> PoolPublic:
     """Create a pool: its task, its classes or target, and the kind of items it holds."""
     if _name_taken(session, body.name):

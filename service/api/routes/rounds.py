@@ -1,7 +1,7 @@
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -9,6 +9,7 @@ from sqlmodel import col, func, select
 
 from service import jobs
 from service.api.deps import AdminDep, SessionDep
+from service.api.payloads import require_json
 from service.crud import get_pool, get_round, pool_counts
 from service.errors import (
     BudgetTooLarge,
@@ -19,6 +20,7 @@ from service.errors import (
     RoundNotCancellable,
     RoundNotFound,
     StrategyNotApplicable,
+    UnsupportedMediaType,
     responses,
 )
 from service.models import ACTIVE_ROUND_STATUSES, Round, RoundStatus, utcnow
@@ -59,6 +61,7 @@ def strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
     "/rounds",
     status_code=202,
     response_model=RoundPublic,
+    dependencies=[Depends(require_json)],
     responses=responses(
         PoolNotFound,
         StrategyNotApplicable,
@@ -66,6 +69,7 @@ def strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
         NotEnoughLabels,
         BudgetTooLarge,
         RoundInProgress,
+        UnsupportedMediaType,
     ),
 )
 def create_round(
