@@ -8,7 +8,7 @@ from PIL import Image
 from sqlalchemy import func
 from sqlmodel import Session, SQLModel, select
 
-from service.blobs import BlobStore
+from service.blobs import BlobStore, FileBlobStore
 from service.images import npy_bytes
 from service.models import (
     BlobFormat,
@@ -35,6 +35,18 @@ def image_bytes(
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=format)
     return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A valid PNG header declaring 12000x12000 pixels, with almost no data behind it."""
+    buffer = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def stored_blobs(blobs: FileBlobStore) -> int:
+    """Files in the blob store: compare before and after a refused upload."""
+    return sum(1 for p in blobs.root.rglob("*") if p.is_file()) if blobs.root.exists() else 0
 
 
 def make_pool(session: Session, **fields: Any) -> Pool:

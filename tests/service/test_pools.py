@@ -82,12 +82,6 @@ def test_list_pools_pages_with_counts(
     assert page["data"][0]["items"] == 2
 
 
-def test_unknown_pool_is_404(client: TestClient, admin: dict) -> None:
-    response = client.get("/pools/987654", headers=admin)
-    assert response.status_code == 404
-    assert response.json() == {"error": "PoolNotFound", "detail": "no pool 987654"}
-
-
 BAD_POOLS: list[tuple[str, dict[str, Any]]] = [
     ("classification without classes", {**MNIST, "classes": None}),
     ("one class", {**MNIST, "classes": ["only"]}),
@@ -135,17 +129,6 @@ def test_unknown_strategy_error_lists_the_valid_names(client: TestClient, admin:
     message = str(response.json()["detail"])
     for name in ("ally", "random", "entropy", "margin", "badge", "coreset"):
         assert name in message
-
-
-def test_a_duplicate_pool_name_is_409_and_stores_nothing(
-    client: TestClient, session: Session, admin: dict
-) -> None:
-    assert client.post("/pools", json=MNIST, headers=admin).status_code == 201
-    before = row_counts(session)
-    response = client.post("/pools", json={**MNIST, "classes": ["a", "b"]}, headers=admin)
-    assert response.status_code == 409
-    assert response.json()["error"] == "PoolNameTaken" and "mnist" in response.json()["detail"]
-    assert row_counts(session) == before
 
 
 @pytest.mark.parametrize("epsilon", [0.25, "auto", 2.2250738585072014e-308, 9.693632633465546e307])

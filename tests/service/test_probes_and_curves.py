@@ -112,22 +112,6 @@ def test_learning_curve_refusals(client: TestClient, session: Session, admin: di
     assert bad.status_code == 422
 
 
-def test_a_declared_body_over_the_limit_is_413_before_reading(
-    client: TestClient, session: Session, admin: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from service.app import create_app
-
-    monkeypatch.setattr(settings, "max_body_bytes", 1000)
-    app = create_app(migrate_on_startup=False)  # the middleware reads the limit when built
-    limited = TestClient(app)
-    before = row_counts(session)
-    response = limited.post(
-        "/pools", content=b"x" * 5000, headers={**admin, "content-type": "application/json"}
-    )
-    assert response.status_code == 413 and response.json()["error"] == "PayloadTooLarge"
-    assert row_counts(session) == before
-
-
 def test_a_streamed_body_over_the_limit_is_413(
     app,
     session: Session,

@@ -127,12 +127,11 @@ def test_queries_of_an_unfinished_round_are_409(
 
 @pytest.mark.parametrize(
     ("query", "status"),
-    [("", 404), ("?limit=0", 422), ("?limit=501", 422), ("?offset=-1", 422), ("?annotator=", 422)],
+    [("?limit=0", 422), ("?limit=501", 422), ("?offset=-1", 422), ("?annotator=", 422)],
 )
 def test_bad_query_requests(
     client: TestClient, annotator: dict, queried: tuple[int, list[Item]], query: str, status: int
 ) -> None:
     round_id, _ = queried
-    target = 999999 if status == 404 else round_id
-    response = client.get(f"/queries/{target}{query}", headers=annotator)
+    response = client.get(f"/queries/{round_id}{query}", headers=annotator)
     assert response.status_code == status

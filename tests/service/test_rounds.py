@@ -217,15 +217,6 @@ def test_malformed_round_requests_are_422(
     assert row_counts(session) == before
 
 
-def test_a_round_on_an_unknown_pool_is_404(
-    client: TestClient, session: Session, admin: dict
-) -> None:
-    before = row_counts(session)
-    response = client.post("/rounds", json={"pool_id": 55555}, headers=admin)
-    assert response.status_code == 404 and response.json()["error"] == "PoolNotFound"
-    assert row_counts(session) == before
-
-
 def test_one_active_round_per_pool(
     client: TestClient, session: Session, admin: dict, pool_with_labels
 ) -> None:
