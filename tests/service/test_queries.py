@@ -127,7 +127,13 @@ def test_queries_of_an_unfinished_round_are_409(
 
 @pytest.mark.parametrize(
     ("query", "status"),
-    [("?limit=0", 422), ("?limit=501", 422), ("?offset=-1", 422), ("?annotator=", 422)],
+    [
+        ("?limit=0", 422),
+        ("?limit=501", 422),
+        ("?offset=-1", 422),
+        ("?offset=2147483648", 422),
+        ("?annotator=", 422),
+    ],
 )
 def test_bad_query_requests(
     client: TestClient, annotator: dict, queried: tuple[int, list[Item]], query: str, status: int

@@ -199,8 +199,21 @@ def test_other_strategies_serve_regression_pools(
         {"params": {"k": 0}},
         {"cold_start": "perhaps"},
         {"params": {"temperature": float("inf")}},
+        {"budget": 2**31},
+        {"seed": 2**31},
+        {"seed": -1},
     ],
-    ids=["unknown strategy", "zero budget", "negative epsilon", "zero k", "bad flag", "inf param"],
+    ids=[
+        "unknown strategy",
+        "zero budget",
+        "negative epsilon",
+        "zero k",
+        "bad flag",
+        "inf param",
+        "budget past 32 bits",
+        "seed past 32 bits",
+        "negative seed",
+    ],
 )
 def test_malformed_round_requests_are_422(
     client: TestClient, session: Session, admin: dict, pool_with_labels, body: dict
