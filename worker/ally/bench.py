@@ -67,7 +67,8 @@ def run(spec: BenchSpec, out: Path, log: Callable[[str], None] = print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    if results.get("spec", asdict(spec)) != asdict(spec):
+    wanted = json.loads(json.dumps(asdict(spec)))  # as stored: tuples come back as lists
+    if results.get("spec", wanted) != wanted:
         raise ValueError(f"{path} holds results of another benchmark; choose another --out")
     strategies = {name: parse_strategy(name) for name in spec.strategies}
     config = PDCLConfig(**spec.config)
@@ -91,7 +92,7 @@ def run(spec: BenchSpec, out: Path, log: Callable[[str], None] = print) -> dict:
                 "dataset": spec.dataset,
                 "task": train_set.task,
                 "metric": "accuracy" if train_set.task == "classification" else "mse",
-                "spec": asdict(spec),
+                "spec": wanted,
                 "runs": runs,
             }
             path.write_text(json.dumps(results, indent=1))
