@@ -166,15 +166,22 @@ def deploy(postgres_url: str, database: str, broker_url: str, tmp: Path) -> Iter
         )
         keys[role] = created.stdout.strip()
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
+
+    def client(role: str) -> httpx.Client:
+        # httpx's default 5 s is too short for importing the digits when other jobs hold
+        # both cores; a request that hangs is still cut off by pytest's timeout.
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {keys[role]}"},
+            timeout=60,
+        )
+
     deployment = Deployment(
         env=env,
         logs=logs,
         port=port,
-        api=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['admin']}"}),
-        annotator=httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {keys['annotator']}"}
-        ),
+        api=client("admin"),
+        annotator=client("annotator"),
         database=make_engine(database_url),
     )
     try:
