@@ -8,6 +8,7 @@ clients see only the errors the fault explains. The deployment has a Redis serve
 connections are dropped. A worker killed mid-round is tested in test_rounds_celery.py.
 """
 
+import itertools
 import os
 import shutil
 import signal
@@ -167,7 +168,7 @@ class Annotators:
     def _label(self, thread: int) -> None:
         batch = 4
         with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=30) as client:
-            for post in range(10**6):
+            for post in itertools.count():
                 if self._stop.is_set():
                     return
                 start = post * batch % len(self.answers)
@@ -214,13 +215,13 @@ def round_in_training(
     workers: Callable[[str], subprocess.Popen],
     annotator: Annotator,
     name: str,
-    model_spec: dict = LONG_TRAINING,
+    model_spec: dict | None = None,
 ) -> tuple[int, list[tuple[int, str]], int]:
     """A pool whose cold round is labeled, and its second round caught training.
 
     Returns the pool, the labeled (item, class) pairs the annotators repeat, and the round.
     """
-    pool_id = create_pool(deployment, name, model_spec)
+    pool_id = create_pool(deployment, name, model_spec or LONG_TRAINING)
     workers(f"worker-{name}")
     cold = start_round(deployment, pool_id, budget=40)
     deployment.wait_round(cold["id"], "ready", timeout=120)
