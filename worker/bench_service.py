@@ -21,18 +21,14 @@ import os
 import platform
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -43,6 +39,7 @@ from service.images import npy_bytes
 from worker.ally.data import input_tensors
 from worker.ally.loop import evaluate, run_round
 from worker.ally.select import Ally
+from worker.bench_common import Service, code_version, load_average, wait_for_quiet
 
 SERVICE_PHASES = ("load", "train", "embed", "dual_head", "select")
 ENGINE_PHASES = ("train", "embed", "dual_head", "select")
@@ -50,23 +47,6 @@ MODEL_SPEC = {"network": "mlp"}
 
 
 # --- the machine ------------------------------------------------------------------------
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
-
-def wait_for_quiet(threshold: float, max_wait: float, every: float = 10.0) -> float:
-    """Wait until the 1-minute load average is below `threshold`; return the seconds waited.
-
-    The machine is shared: a round measured next to another job's training says more about
-    that job than about the service. Gives up after `max_wait` and measures anyway.
-    """
-    started = time.monotonic()
-    while os.getloadavg()[0] >= threshold and time.monotonic() - started < max_wait:
-        print(f"load average {load_average()}: waiting for < {threshold}", flush=True)
-        time.sleep(every)
-    return time.monotonic() - started
 
 
 def machine() -> dict[str, Any]:
@@ -78,18 +58,6 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-
-
-def code_version() -> str:
-    """The commit measured, marked when the service or worker code differs from it."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "service", "worker", ":!worker/bench_service.py")
-    return f"{commit} (with uncommitted changes)" if dirty else commit
 
 
 # --- the data ---------------------------------------------------------------------------
@@ -116,84 +84,6 @@ def mnist_folder(data: Path, splits: dict[str, ArrayDataset], size: int, tmp: Pa
 
 
 # --- the service ------------------------------------------------------------------------
-
-
-class Service:
-    """`ally serve` on its own data folder, with an admin key; stopped on leaving the block."""
-
-    def __init__(self, data_dir: Path, log: Path) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ALLY_")}
-        self.env["ALLY_DATA_DIR"] = str(data_dir)
-        self.ally = [sys.executable, "-m", "worker.cli"]
-        self.log_path = log
-        self.server: subprocess.Popen[bytes] | None = None
-
-    def run(self, *args: str) -> str:
-        """An `ally` command against this service's data folder; its standard output."""
-        done = subprocess.run(
-            [*self.ally, *args], env=self.env, capture_output=True, text=True, check=True
-        )
-        return done.stdout.strip()
-
-    def __enter__(self) -> Service:
-        key = self.run("keys", "create", "--role", "admin", "--name", "bench-admin")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.log = self.log_path.open("w")
-        self.server = subprocess.Popen(
-            [*self.ally, "serve", "--port", str(port)],
-            env=self.env,
-            stdout=self.log,
-            stderr=self.log,
-        )
-        try:
-            self.api = httpx.Client(
-                base_url=f"http://127.0.0.1:{port}",
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=120,
-            )
-            deadline = time.monotonic() + 60
-            while True:
-                if self.server.poll() is not None:
-                    raise RuntimeError(f"ally serve exited with {self.server.returncode}")
-                try:
-                    if self.api.get("/readyz").status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("ally serve did not become ready within 60 s")
-                time.sleep(0.2)
-        except BaseException as error:
-            self.__exit__(type(error), error, error.__traceback__)
-            raise
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        try:
-            if self.server is not None and self.server.poll() is None:
-                self.server.terminate()  # graceful: the embedded runner stops its children
-                try:
-                    self.server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.server.kill()
-                    self.server.wait()
-        finally:
-            self.log.close()
-        if error is not None:  # the server's side of the story
-            tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
-            print("\n".join(["--- ally serve log (tail) ---", *tail]), file=sys.stderr)
-
-    def call(self, method: str, url: str, **kwargs: Any) -> Any:
-        response = self.api.request(method, url, **kwargs)
-        if response.is_error:
-            raise RuntimeError(f"{method} {url}: {response.status_code} {response.text[:500]}")
-        return response.json()
 
 
 def check_item_order(
@@ -590,7 +480,7 @@ def main() -> None:
         raise SystemExit(f"{args.data}: need {max(sizes)} training images and a test split")
     waited = wait_for_quiet(args.quiet_load, args.max_wait)
     load_at_start = load_average()
-    commit = code_version()
+    commit = code_version("worker/bench_service.py")
     measured = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     results = []
     with tempfile.TemporaryDirectory(prefix="ally-bench-service-") as tmp_name:
