@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 
 import pytest
@@ -25,14 +26,25 @@ def _reachable(port: int) -> bool:
         return False
 
 
-def require_service(name: str, port: int) -> None:
-    """Fail under CI, skip elsewhere, when a real service the integration tests need is down."""
-    if _reachable(port):
-        return
-    message = f"{name} is not reachable on 127.0.0.1:{port}; start it with: {START_COMMANDS[name]}"
+def unavailable(message: str) -> None:
+    """Fail under CI, skip elsewhere: something the tests need is missing."""
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_service(name: str, port: int) -> None:
+    """A real service the integration tests need must be up."""
+    if not _reachable(port):
+        unavailable(
+            f"{name} is not reachable on 127.0.0.1:{port}; start it with: {START_COMMANDS[name]}"
+        )
+
+
+def require_command(name: str, install: str) -> None:
+    """A program the integration tests run must be installed."""
+    if shutil.which(name) is None:
+        unavailable(f"{name} is not installed; install it with: {install}")
 
 
 @pytest.fixture(scope="session")

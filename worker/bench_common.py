@@ -33,16 +33,16 @@ def wait_for_quiet(threshold: float, max_wait: float, every: float = 10.0) -> fl
     return time.monotonic() - started
 
 
-def code_version(benchmark: str) -> str:
+def code_version(*benchmark: str) -> str:
     """The commit measured, marked when the service or worker code (other than the
-    `benchmark` script itself) differs from it."""
+    benchmark's own files) differs from it."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
         return done.stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "service", "worker", f":!{benchmark}")
+    dirty = git("status", "--porcelain", "--", "service", "worker", *(f":!{f}" for f in benchmark))
     return f"{commit} (with uncommitted changes)" if dirty else commit
 
 
