@@ -50,7 +50,16 @@ def test_a_cut_off_run_resumes_where_it_stopped(tmp_path: Path) -> None:
         assert resumed["runs"][-1][field] == first["runs"][-1][field]
 
 
-def test_results_of_another_benchmark_are_not_mixed_in(tmp_path: Path) -> None:
-    run(replace(SPEC, seeds=1, rounds=1), tmp_path, log=lambda line: None)
+def test_a_strategy_joins_a_finished_comparison_but_another_benchmark_is_refused(
+    tmp_path: Path,
+) -> None:
+    small = replace(SPEC, strategies=("random",), seeds=1, rounds=1)
+    first = run(small, tmp_path, log=lambda line: None)
+    lines: list[str] = []
+    joined = run(replace(small, strategies=("ally",)), tmp_path, log=lines.append)
+    assert joined["spec"]["strategies"] == ["random", "ally"]
+    assert joined["runs"][0] == first["runs"][0]
+    assert [r["strategy"] for r in joined["runs"]] == ["random", "ally"]
+    assert len(lines) == small.rounds + 1  # random was not run again
     with pytest.raises(ValueError, match="another benchmark"):
-        run(replace(SPEC, seeds=1, rounds=1, budget=10), tmp_path, log=lambda line: None)
+        run(replace(small, budget=10), tmp_path, log=lambda line: None)

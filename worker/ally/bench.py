@@ -68,13 +68,21 @@ def run(spec: BenchSpec, out: Path, log: Callable[[str], None] = print) -> dict:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     wanted = json.loads(json.dumps(asdict(spec)))  # as stored: tuples come back as lists
-    if results.get("spec", wanted) != wanted:
-        raise ValueError(f"{path} holds results of another benchmark; choose another --out")
+    stored = results.get("spec", wanted)
+    if {**stored, "strategies": None} != {**wanted, "strategies": None}:
+        raise ValueError(
+            f"{path} holds results of another benchmark (only the strategies may differ); "
+            "choose another --out"
+        )
+    # More strategies may join a finished comparison: each seed's initial set is theirs too.
+    wanted["strategies"] = list(dict.fromkeys([*stored["strategies"], *spec.strategies]))
     strategies = {name: parse_strategy(name) for name in spec.strategies}
     config = PDCLConfig(**spec.config)
     runs = results.get("runs", [])
     done = {(r["strategy"], r["seed"]) for r in runs}
     for seed in range(spec.seeds):
+        if all((name, seed) in done for name in strategies):
+            continue
         train_set, test_set = load(spec.dataset, spec.data, seed=seed)
         rng = np.random.default_rng(seed)
         pool_rows = np.arange(len(train_set.y))
