@@ -5,13 +5,15 @@ No request handling here: the CLI uses it too.
 
 import hashlib
 import secrets
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 
 from sqlalchemy import ColumnElement, true
 from sqlmodel import Session, col, select
 
 from service.errors import InvalidKeyScope, PoolNotFound
 from service.models import ApiKey, ApiKeyPool, Pool, Role, utcnow
+from service.settings import settings
 
 KEY_PREFIX = "ally_"
 
@@ -88,9 +90,50 @@ def sees_pool(session: Session, key: ApiKey, pool_id: ColumnElement[int]) -> Col
 
 def find_key(session: Session, key: str) -> ApiKey | None:
     """The live (not revoked) key row for `key`, in one indexed lookup."""
+    return _find_hashed(session, hash_key(key))
+
+
+def _find_hashed(session: Session, key_hash: str) -> ApiKey | None:
     return session.exec(
-        select(ApiKey).where(ApiKey.key_hash == hash_key(key), col(ApiKey.revoked_at).is_(None))
+        select(ApiKey).where(ApiKey.key_hash == key_hash, col(ApiKey.revoked_at).is_(None))
     ).first()
+
+
+class LiveKeys:
+    """Live keys by hash, each remembered for `ttl` seconds: most requests skip the look-up.
+
+    A key revoked by another process (another API process, `ally keys revoke`) is refused
+    at most `ttl` seconds after the revocation commits; `revoke_key` forgets it here at once.
+    Only live keys are remembered, so unknown keys cannot fill the memory.
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._keys: dict[str, tuple[float, ApiKey]] = {}
+
+    def find(self, session: Session, key: str) -> ApiKey | None:
+        """The live key row for `key`: remembered, else looked up (and remembered)."""
+        key_hash = hash_key(key)
+        remembered = self._keys.get(key_hash)
+        if remembered is not None and remembered[0] > self.clock():
+            return remembered[1]
+        # Counted from before the look-up, so no answer outlives a revocation by over `ttl`.
+        expires = self.clock() + self.ttl
+        row = _find_hashed(session, key_hash)
+        if row is None:
+            self._keys.pop(key_hash, None)
+            return None
+        # A copy outside any session: requests on other threads read it at the same time.
+        live = ApiKey(**row.model_dump())
+        self._keys[key_hash] = (expires, live)
+        return live
+
+    def forget(self, key_hash: str) -> None:
+        self._keys.pop(key_hash, None)
+
+
+live_keys = LiveKeys(ttl=settings.key_cache_seconds)
 
 
 def list_keys(session: Session) -> list[ApiKey]:
@@ -104,4 +147,5 @@ def revoke_key(session: Session, key_id: int) -> ApiKey | None:
         row.revoked_at = utcnow()
         session.add(row)
         session.flush()
+        live_keys.forget(row.key_hash)
     return row

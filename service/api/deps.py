@@ -7,7 +7,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from service.auth import find_key
+from service.auth import live_keys
 from service.blobs import BlobStore, FileBlobStore
 from service.db import get_engine
 from service.errors import Forbidden, NotAuthenticated
@@ -41,7 +41,7 @@ def current_key(
     """The caller's API key; 401 without a valid one."""
     if credentials is None:
         raise NotAuthenticated("send an API key as 'Authorization: Bearer <key>'")
-    key = find_key(session, credentials.credentials)
+    key = live_keys.find(session, credentials.credentials)
     if key is None:
         raise NotAuthenticated("unknown or revoked API key")
     return key

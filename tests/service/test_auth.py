@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from sqlmodel import Session, select
 
-from service.auth import create_key, hash_key, revoke_key
+from service.auth import create_key, hash_key, live_keys, revoke_key
 from service.blobs import FileBlobStore
-from service.models import ApiKey, Label, Role, RoundStatus
+from service.models import ApiKey, Label, Role, RoundStatus, utcnow
 from tests.service.factories import image_bytes, make_items, make_pool, make_round, row_counts
 
 
@@ -243,6 +243,27 @@ def test_a_key_revoked_through_the_api_gets_401_at_once(
     headers = {"Authorization": f"Bearer {key}"}
     assert client.get("/pools", headers=headers).status_code == 200
     assert client.post(f"/keys/{row.id}/revoke", headers=admin).status_code == 200
+    response = client.get("/pools", headers=headers)
+    assert response.status_code == 401
+    assert "revoked" in response.json()["detail"]
+
+
+def test_a_key_revoked_by_another_process_is_refused_within_the_cache_time(
+    client: TestClient, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process remembers a live key for `key_cache_seconds`; a revocation it did not
+    make itself (another API process, `ally keys revoke`) takes effect within that time."""
+    now = [1000.0]
+    monkeypatch.setattr(live_keys, "clock", lambda: now[0])
+    row, key = create_key(session, name="elsewhere", role=Role.admin)
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.get("/pools", headers=headers).status_code == 200
+    row.revoked_at = utcnow()  # as another process would: this one is not told
+    session.add(row)
+    session.flush()
+    now[0] += live_keys.ttl / 2
+    assert client.get("/pools", headers=headers).status_code == 200  # remembered
+    now[0] += live_keys.ttl / 2
     response = client.get("/pools", headers=headers)
     assert response.status_code == 401
     assert "revoked" in response.json()["detail"]

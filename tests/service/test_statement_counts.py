@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlmodel import Session
 
-from service.auth import create_key
+from service.auth import create_key, live_keys
 from service.blobs import FileBlobStore
 from service.models import Role, Round
 from tests.service.factories import make_items, make_pool, make_round
@@ -30,6 +30,13 @@ def statements(session: Session) -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.fixture(autouse=True)
+def every_request_looks_up_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else the first request would remember the key and the second skip its look-up:
+    count the same statements for both."""
+    monkeypatch.setattr(live_keys, "ttl", 0)
 
 
 @pytest.fixture
