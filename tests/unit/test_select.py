@@ -114,6 +114,7 @@ def test_a_benchmark_strategy_spec_with_an_unknown_parameter_is_a_clear_error():
     from worker.ally.bench import parse_strategy
 
     assert parse_strategy("ally:k=5+epsilon=auto") == Ally(k=5, epsilon="auto")
+    assert parse_strategy("ally:dual_cap_quantile=none").dual_cap_quantile is None
     with pytest.raises(ValueError, match="bogus"):
         parse_strategy("ally:bogus=1")
 

@@ -39,7 +39,7 @@ class BenchSpec:
 
 
 def parse_strategy(spec: str) -> Strategy:
-    """'ally:epsilon=auto+k=50' -> Ally(epsilon='auto', k=50)."""
+    """'ally:epsilon=auto+k=50' -> Ally(epsilon='auto', k=50); 'none' stands for None."""
     name, _, params = spec.partition(":")
     kwargs = {}
     for pair in filter(None, params.split("+")):
@@ -53,7 +53,9 @@ def parse_strategy(spec: str) -> Strategy:
         raise ValueError(f"strategy {spec!r}: {error}") from None
 
 
-def _number(text: str) -> float | int | str:
+def _number(text: str) -> float | int | str | None:
+    if text == "none":  # e.g. ally:dual_cap_quantile=none, to switch a default off
+        return None
     for kind in (int, float):
         try:
             return kind(text)
