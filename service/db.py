@@ -7,6 +7,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import create_engine
 
 from service.settings import settings
@@ -42,6 +43,15 @@ def _engine_for(url: str) -> Engine:
 def get_engine() -> Engine:
     """The engine for the configured database, built on first use."""
     return _engine_for(settings.database)
+
+
+def is_disconnect(error: DBAPIError) -> bool:
+    """The connection was lost or refused, or the server could not run the statement for now.
+
+    Retrying may succeed; any other database error (IntegrityError, DataError,
+    ProgrammingError, ...) is a bug in the statement and must not be retried or hidden.
+    """
+    return isinstance(error, OperationalError) or error.connection_invalidated
 
 
 def alembic_config() -> Config:

@@ -11,8 +11,10 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
+
+from service.db import is_disconnect
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,7 @@ def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
 async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A dropped or refused database connection is a 503 to retry, not a 500."""
     assert isinstance(exc, DBAPIError)
-    if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+    if not is_disconnect(exc):
         raise exc  # a bug: the server error middleware answers 500 and logs it
     log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc.orig)
     error = DatabaseUnavailable(

@@ -19,7 +19,7 @@ from sqlalchemy import and_, case, false, func, or_, true, update
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, select
 
-from service.db import get_engine
+from service.db import get_engine, is_disconnect
 from service.models import Round, RoundStatus, utcnow
 from service.settings import settings
 
@@ -79,7 +79,9 @@ class Heartbeat:
         self.started = time.monotonic()
         self.last = -float("inf")
         self.phase, self.progress = "starting", 0.0
-        self._lost: Stopped | None = None
+        # Raised by the next beat: Stopped, or a database error that is not a lost connection
+        # met by the keep-alive thread.
+        self._raise_at_next_beat: Exception | None = None
         self._writing = threading.Lock()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,15 +91,18 @@ class Heartbeat:
 
         A lost database connection does not stop the work: the lease outlasts a short outage
         and the next beat renews it, while `publish` checks that this worker still holds it.
+        Any other database error is a bug and is raised.
         """
         new_phase = phase != self.phase
         self.phase, self.progress = phase, progress
-        if self._lost is not None:
-            raise self._lost
+        if self._raise_at_next_beat is not None:
+            raise self._raise_at_next_beat
         if force or new_phase or time.monotonic() - self.last >= self.every:
             try:
                 self._write()
-            except DBAPIError:
+            except DBAPIError as error:
+                if not is_disconnect(error):
+                    raise
                 log.warning("round %s: heartbeat failed", self.round_id, exc_info=True)
 
     def _write(self) -> None:
@@ -124,8 +129,10 @@ class Heartbeat:
                 )
                 session.commit()
             if alive.rowcount != 1:
-                self._lost = Stopped(f"round {self.round_id} was cancelled or taken over")
-                raise self._lost
+                self._raise_at_next_beat = Stopped(
+                    f"round {self.round_id} was cancelled or taken over"
+                )
+                raise self._raise_at_next_beat
 
     def _keep_alive(self) -> None:
         while not self._done.wait(self.every):
@@ -135,8 +142,14 @@ class Heartbeat:
                 self._write()
             except Stopped:
                 return  # the work raises it at its next beat
-            except Exception:  # the database may be briefly unreachable: try again
-                log.exception("round %s: renewing the lease failed", self.round_id)
+            except Exception as error:
+                if isinstance(error, DBAPIError) and is_disconnect(error):
+                    # The database may be briefly unreachable: the next renewal tries again.
+                    log.warning("round %s: renewing the lease failed", self.round_id, exc_info=True)
+                    continue
+                # A bug: it must stop the work, not only this thread.
+                self._raise_at_next_beat = error
+                return
 
     def __enter__(self) -> Heartbeat:
         self._thread = threading.Thread(

@@ -1,11 +1,13 @@
 """Probes, the learning curve, the body-size limit, and the OpenAPI description."""
 
 import io
+from collections.abc import Iterator
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine
 from sqlmodel import Session
 
 from service.api.deps import get_db
@@ -69,6 +71,21 @@ def test_a_request_while_the_database_is_down_is_a_503_to_retry(
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"] == "DatabaseUnavailable"
     assert "retry" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("empty_engine", ["postgresql"], indirect=True)
+def test_a_database_error_that_is_not_a_lost_connection_is_a_500(
+    app: FastAPI, admin: dict, empty_engine: Engine
+) -> None:
+    """A bug (here a query on a table that does not exist) must not pass for an outage."""
+
+    def without_tables() -> Iterator[Session]:
+        with Session(empty_engine) as session:
+            yield session
+
+    app.dependency_overrides[get_db] = without_tables
+    response = TestClient(app, raise_server_exceptions=False).get("/pools", headers=admin)
+    assert response.status_code == 500 and "retry-after" not in response.headers
 
 
 def test_learning_curve_from_ready_rounds(

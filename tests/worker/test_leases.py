@@ -6,6 +6,7 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text, update
+from sqlalchemy.exc import DataError
 from sqlmodel import Session, col, select
 
 from service.app import create_app
@@ -211,3 +212,21 @@ def test_a_heartbeat_outlives_its_connection_being_dropped(round_id: int, databa
     round_ = get_round(round_id)
     assert (round_.status, round_.phase, round_.claimed_by) == ("running", "train", "worker-a")
     assert round_.progress == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_heartbeat_raises_a_database_error_that_is_not_a_lost_connection(
+    round_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the write (here a phase longer than its column) stops the work, whether the
+    work's own beat or the keep-alive thread meets it."""
+    monkeypatch.setattr(settings, "round_lease_seconds", 1)
+    assert claim(round_id, "worker-a")
+    with Heartbeat(round_id, "worker-a") as heartbeat:
+        with pytest.raises(DataError):
+            heartbeat.beat("p" * 41, 0.3)  # a new phase: written at once
+        # The keep-alive (every 1/6 s) writes the same phase, fails, and hands its error over.
+        threading.Event().wait(1.0)
+        with pytest.raises(DataError):
+            heartbeat.beat("train", 0.4)  # a valid write, refused because of the keep-alive's
+    assert get_round(round_id).phase == "starting"
