@@ -112,6 +112,13 @@ class LiveKeys:
         self.clock = clock
         self._keys: dict[str, tuple[float, ApiKey]] = {}
 
+    def remembered(self, key: str) -> ApiKey | None:
+        """The key row if `key` was found live less than `ttl` seconds ago (no database)."""
+        remembered = self._keys.get(hash_key(key))
+        if remembered is None or remembered[0] <= self.clock():
+            return None
+        return remembered[1]
+
     def find(self, session: Session, key: str) -> ApiKey | None:
         """The live key row for `key`: remembered, else looked up (and remembered)."""
         key_hash = hash_key(key)

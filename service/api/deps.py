@@ -1,9 +1,10 @@
 """Request-scoped dependencies: the session (one transaction), the blob store, the caller."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
@@ -15,10 +16,27 @@ from service.models import ApiKey, Role
 from service.settings import settings
 
 
-def get_db() -> Iterator[Session]:
-    """One transaction per request: committed when the handler returns, else rolled back."""
-    with Session(get_engine(), expire_on_commit=False) as session:
+async def get_db() -> AsyncIterator[Session]:
+    """One transaction per request: committed when the handler returns, else rolled back.
+
+    Async, yet it never blocks the event loop: a new session opens no connection, and the
+    commit (or rollback) runs on a worker thread. A sync dependency would cost every request
+    two trips through the thread pool, to open the session and to close it.
+    """
+    session = Session(get_engine(), expire_on_commit=False)
+    try:
         yield session
+    except BaseException:
+        await run_in_threadpool(session.close)  # rolls back
+        raise
+    if session.in_transaction():
+        await run_in_threadpool(_commit_and_close, session)
+    else:
+        session.close()  # it never held a connection
+
+
+def _commit_and_close(session: Session) -> None:
+    with session:
         session.commit()
 
 
@@ -34,26 +52,33 @@ BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ally_...`")
 
 
-def current_key(
+async def current_key(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
-    """The caller's API key; 401 without a valid one."""
+    """The caller's API key; 401 without a valid one.
+
+    A key found live within the last `key_cache_seconds` needs neither the database nor a
+    trip through the thread pool; any other is looked up on a worker thread.
+    """
     if credentials is None:
         raise NotAuthenticated("send an API key as 'Authorization: Bearer <key>'")
-    key = live_keys.find(session, credentials.credentials)
+    key = live_keys.remembered(credentials.credentials) or await run_in_threadpool(
+        live_keys.find, session, credentials.credentials
+    )
     if key is None:
         raise NotAuthenticated("unknown or revoked API key")
     return key
 
 
-def require_admin(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+# Async because they do no I/O: FastAPI runs a sync dependency on a worker thread.
+async def require_admin(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
     if key.role != Role.admin:
         raise Forbidden(f"this needs an admin key; key {key.name!r} is an {key.role} key")
     return key
 
 
-def require_annotator(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+async def require_annotator(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
     """Annotators and admins (admins may do everything annotators do)."""
     return key
 

@@ -1,0 +1,78 @@
+"""The request's session (service.api.deps.get_db) on a real database, without the test
+transaction the other service tests run in: committed when the handler returns, rolled back
+when it raises, and never holding a connection a handler did not ask for."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, func
+from sqlmodel import Session, select
+from starlette.exceptions import HTTPException
+
+from service.api import deps
+from service.api.deps import SessionDep
+from service.db import make_engine, migrate
+from service.errors import InvalidParams, http_error_handler
+from service.models import InputKind, Pool, Task
+
+
+@pytest.fixture
+def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'sessions.db'}")
+    migrate(engine)
+    monkeypatch.setattr(deps, "get_engine", lambda: engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def client(engine: Engine) -> TestClient:
+    app = FastAPI()
+    app.add_exception_handler(HTTPException, http_error_handler)
+
+    @app.post("/pools/{name}")
+    def add_pool(session: SessionDep, name: str, fail: bool = False) -> dict[str, int]:
+        pool = Pool(name=name, task=Task.regression, input_kind=InputKind.vector)
+        session.add(pool)
+        session.flush()
+        if fail:
+            raise InvalidParams("refused after the flush")
+        return {"id": pool.id}  # type: ignore[dict-item]
+
+    @app.get("/nothing")
+    def no_query(session: SessionDep) -> dict[str, bool]:
+        return {"in_transaction": session.in_transaction()}
+
+    return TestClient(app)
+
+
+def pools(engine: Engine) -> list[str]:
+    with Session(engine) as session:
+        return list(session.exec(select(Pool.name).order_by(Pool.name)))
+
+
+def test_what_a_handler_stores_is_committed(client: TestClient, engine: Engine) -> None:
+    assert client.post("/pools/kept").status_code == 200
+    assert pools(engine) == ["kept"]
+
+
+def test_a_handler_that_raises_stores_nothing(client: TestClient, engine: Engine) -> None:
+    response = client.post("/pools/dropped", params={"fail": True})
+    assert response.status_code == 422
+    assert pools(engine) == []
+    assert client.post("/pools/dropped").status_code == 200  # the name is free
+
+
+def test_a_handler_without_queries_leaves_every_connection_in_the_pool(
+    client: TestClient, engine: Engine
+) -> None:
+    assert client.get("/nothing").json() == {"in_transaction": False}
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    client.post("/pools/a")
+    client.post("/pools/b", params={"fail": True})
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        assert session.exec(select(func.count()).select_from(Pool)).one() == 1
