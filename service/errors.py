@@ -174,7 +174,12 @@ class Unavailable(ServiceError):
 
 
 class DatabaseUnavailable(Unavailable):
-    """The database connection was lost or refused: the request stored nothing; retry it."""
+    """The database connection was lost or refused; retry.
+
+    A connection lost during COMMIT leaves it unknown whether the request was applied:
+    POST /labels is safe to retry (idempotent), a retried POST /rounds or /pools may be a 409
+    (it exists already), and a retried POST /keys can create a second key.
+    """
 
 
 def responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
@@ -250,7 +255,8 @@ async def database_error_handler(request: Request, exc: Exception) -> JSONRespon
         raise exc  # a bug: the server error middleware answers 500 and logs it
     log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc.orig)
     error = DatabaseUnavailable(
-        "the database is unavailable (connection lost or refused); nothing was stored, retry",
+        "the database is unavailable (connection lost or refused); the request may or may not"
+        " have been applied: retry it",
         headers={"Retry-After": "1"},
     )
     return await http_error_handler(request, error)
