@@ -33,8 +33,19 @@ def broker_options() -> dict[str, float]:
     return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
 
 
+class BrokerUnreachable(Exception):
+    """The broker refused or dropped the connection: the round was not sent."""
+
+
 def enqueue_round(round_id: int) -> None:
     """Send the round to a Celery worker; without a broker, the embedded runner polls for it."""
     if settings.broker_url is None:
         return
-    _celery(settings.broker_url).send_task(RUN_ROUND, args=[round_id], queue=QUEUE, retry=False)
+    # Celery raises kombu's OperationalError for every broker connection error (refused,
+    # dropped, timed out); anything else is a bug and propagates.
+    from kombu.exceptions import OperationalError
+
+    try:
+        _celery(settings.broker_url).send_task(RUN_ROUND, args=[round_id], queue=QUEUE, retry=False)
+    except OperationalError as error:
+        raise BrokerUnreachable(str(error)) from error

@@ -15,7 +15,7 @@ import threading
 
 from celery import Celery, signals
 
-from service.jobs import QUEUE, RUN_ROUND, broker_options, enqueue_round
+from service.jobs import QUEUE, RUN_ROUND, BrokerUnreachable, broker_options, enqueue_round
 from service.settings import settings
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,19 @@ def run_round(round_id: int) -> str | None:
 
 
 def sweep() -> list[int]:
-    """Send again the due rounds that may have no message in the broker any more."""
+    """Send again the due rounds that may have no message in the broker any more; those sent."""
     from worker.leases import resend_due
 
-    due = resend_due(older_than_seconds=2 * settings.round_lease_seconds)
-    for round_id in due:
-        enqueue_round(round_id)
-    return due
+    sent = []
+    for round_id in resend_due(older_than_seconds=2 * settings.round_lease_seconds):
+        try:
+            enqueue_round(round_id)
+        except BrokerUnreachable as error:
+            # The round was touched all the same: a sweep two leases later sends it again.
+            log.warning("round %s is due but the broker is unreachable: %s", round_id, error)
+            continue
+        sent.append(round_id)
+    return sent
 
 
 @signals.worker_process_init.connect

@@ -1,10 +1,13 @@
 """Starting, reading, listing and cancelling rounds; what a refused round leaves behind."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import redis
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from kombu.exceptions import EncodeError
 from sqlalchemy import event, insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -347,6 +350,27 @@ def test_an_unreachable_broker_leaves_the_round_queued_for_the_workers_to_send(
     # Clients read there why a 202 does not mean the broker has the round yet.
     description = client.get("/openapi.json").json()["paths"]["/rounds"]["post"]["description"]
     assert "broker" in description and "`queued`" in description
+
+
+def test_an_unreachable_broker_is_reported_by_enqueue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "broker_url", "redis://127.0.0.1:1/0")
+    with pytest.raises(jobs.BrokerUnreachable, match="Connection refused"):
+        jobs.enqueue_round(1)
+
+
+def test_a_send_failing_for_another_reason_than_the_broker_is_a_500(
+    app: FastAPI, admin: dict, pool_with_labels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an unreachable broker leaves the round queued with a 202; a bug is not hidden."""
+
+    def send_task(*args: object, **kwargs: object) -> None:
+        raise EncodeError("the task's arguments cannot be serialized")
+
+    monkeypatch.setattr(settings, "broker_url", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(jobs, "_celery", lambda url: SimpleNamespace(send_task=send_task))
+    client = TestClient(app, raise_server_exceptions=False)
+    response = client.post("/rounds", json={"pool_id": pool_with_labels.id}, headers=admin)
+    assert response.status_code == 500
 
 
 def test_without_a_broker_enqueue_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

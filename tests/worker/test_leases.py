@@ -12,10 +12,12 @@ from sqlmodel import Session, col, select
 from service.app import create_app
 from service.auth import create_key
 from service.db import get_engine
+from service.jobs import BrokerUnreachable
 from service.models import Role, Round, RoundStatus, utcnow
 from service.settings import settings
 from tests.processes import wait_for
 from tests.worker.factories import add_round, get_round, import_pool
+from worker import celery_app
 from worker.leases import Heartbeat, Stopped, claim, due_rounds, release, resend_due
 
 
@@ -135,6 +137,22 @@ def test_a_due_round_is_resent_by_one_sweeper_at_a_time(round_id: int) -> None:
     assert resend_due(older_than_seconds=0) == []  # running under a live lease
     expire_lease(round_id)
     assert resend_due(older_than_seconds=0) == [round_id]
+
+
+def test_a_sweep_sends_the_other_due_rounds_when_one_send_fails(
+    database: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rounds = [add_round(import_pool("digits", 10)[0], budget=2) for _ in range(3)]
+    sent: list[int] = []
+
+    def enqueue(round_id: int) -> None:
+        if round_id == rounds[0]:
+            raise BrokerUnreachable("Connection refused")
+        sent.append(round_id)
+
+    monkeypatch.setattr(celery_app, "enqueue_round", enqueue)
+    monkeypatch.setattr(settings, "round_lease_seconds", 0)  # every due round is resent
+    assert celery_app.sweep() == sent == rounds[1:]
 
 
 def test_a_keep_alive_holds_the_lease_through_a_long_step(

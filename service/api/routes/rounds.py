@@ -147,10 +147,10 @@ def create_round(
     session.commit()
     try:
         jobs.enqueue_round(round_.id)  # type: ignore[arg-type]
-    except Exception:
+    except jobs.BrokerUnreachable as error:
         # The database, not the broker, is the state of record: the round is queued, and
         # a worker's sweeper sends it once the broker answers again.
-        log.warning("round %s is queued but the broker is unreachable", round_.id, exc_info=True)
+        log.warning("round %s is queued but the broker is unreachable: %s", round_.id, error)
     response.headers["Location"] = f"/rounds/{round_.id}"
     return round_public(round_)
 
