@@ -7,8 +7,9 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
-from sqlalchemy import ColumnElement, true
+from sqlalchemy import Boolean, ColumnElement, bindparam, or_, true
 from sqlmodel import Session, col, select
 
 from service.errors import InvalidKeyScope, PoolNotFound
@@ -86,6 +87,19 @@ def sees_pool(session: Session, key: ApiKey, pool_id: ColumnElement[int]) -> Col
     """
     pools = restricted_pools(session, key)
     return true() if pools is None else pool_id.in_(sorted(pools))
+
+
+def in_visible_pool(pool_id: ColumnElement[int]) -> ColumnElement[bool]:
+    """`sees_pool` for a statement built once and run with `pool_access(session, key)` as
+    parameters: for the hot routes, where building a statement costs more than running it."""
+    every_pool = bindparam("every_pool", type_=Boolean)
+    return or_(every_pool, pool_id.in_(bindparam("pools", expanding=True)))
+
+
+def pool_access(session: Session, key: ApiKey) -> dict[str, Any]:
+    """The parameters of `in_visible_pool` for `key`."""
+    pools = restricted_pools(session, key)
+    return {"every_pool": pools is None, "pools": sorted(pools or ())}
 
 
 def find_key(session: Session, key: str) -> ApiKey | None:

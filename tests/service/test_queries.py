@@ -8,6 +8,7 @@ from sqlmodel import Session, select
 
 from service.blobs import FileBlobStore
 from service.models import InputKind, Item, Query, RoundStatus, Task, utcnow
+from service.schemas import QueriesPage
 from service.settings import settings
 from tests.service.factories import make_items, make_label, make_pool, make_round
 
@@ -42,6 +43,27 @@ def test_queries_are_paginated(
     page = client.get(f"/queries/{round_id}?offset=2&limit=3", headers=annotator).json()
     assert [q["item_id"] for q in page["data"]] == [i.id for i in items[2:5]]
     assert (page["count"], page["offset"], page["limit"]) == (6, 2, 3)
+
+
+def test_a_page_past_the_end_is_empty_and_still_counts_every_query(
+    client: TestClient, annotator: dict, queried: tuple[int, list[Item]]
+) -> None:
+    round_id, _ = queried
+    page = client.get(f"/queries/{round_id}?offset=6", headers=annotator).json()
+    assert (page["data"], page["count"], page["offset"]) == ([], 6, 6)
+
+
+@pytest.mark.parametrize("params", ["", "?offset=4&limit=5", "?annotator=alice&limit=3"])
+def test_a_page_is_exactly_the_json_of_its_declared_model(
+    client: TestClient, annotator: dict, queried: tuple[int, list[Item]], params: str
+) -> None:
+    """The route serializes its page itself, for speed: the bytes must be the model's."""
+    round_id, _ = queried
+    response = client.get(f"/queries/{round_id}{params}", headers=annotator)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    page = QueriesPage.model_validate_json(response.content)
+    assert page.data and response.content == page.model_dump_json().encode()
 
 
 def test_labeled_queries_are_flagged(

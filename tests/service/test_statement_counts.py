@@ -54,9 +54,16 @@ def warm_up(client: TestClient, headers: dict[str, str], round_id: int) -> None:
     assert client.get(f"/queries/{round_id}", headers=headers).status_code == 200
 
 
-@pytest.mark.parametrize("annotator_param", ["", "&annotator=alice"])
+# The key, the round (with its count of queries) and the page; or the key, the round, the
+# leases and the leased rows.
+@pytest.mark.parametrize(("annotator_param", "most"), [("", 3), ("&annotator=alice", 4)])
 def test_get_queries_runs_a_fixed_number_of_statements(
-    client: TestClient, session: Session, annotator: dict, round_of, annotator_param: str
+    client: TestClient,
+    session: Session,
+    annotator: dict,
+    round_of,
+    annotator_param: str,
+    most: int,
 ) -> None:
     warm_up(client, annotator, round_of(1)[0])
     counts = []
@@ -67,7 +74,7 @@ def test_get_queries_runs_a_fixed_number_of_statements(
             page = client.get(f"/queries/{round_id}?limit=100{annotator_param}", headers=annotator)
         assert len(page.json()["data"]) == n
         counts.append(len(seen))
-    assert counts[0] == counts[1] <= 5
+    assert counts[0] == counts[1] <= most
 
 
 def test_post_labels_runs_a_fixed_number_of_statements(
