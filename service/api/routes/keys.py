@@ -17,7 +17,7 @@ from service.schemas import KeyCreate, KeyCreated, KeyPublic, RowId
 router = APIRouter(prefix="/keys", tags=["keys"])
 
 
-def _public(session: Session, rows: list[ApiKey]) -> list[KeyPublic]:
+def keys_public(session: Session, rows: list[ApiKey]) -> list[KeyPublic]:
     """The keys as the API shows them, with their pools (one query for all of them)."""
     return [
         KeyPublic.model_validate({**row.model_dump(), "pools": pools})
@@ -38,13 +38,13 @@ def create_api_key(*, session: SessionDep, key: AdminDep, body: KeyCreate) -> Ke
     An annotator key given `pools` sees only those pools' items, queries and labels.
     """
     row, secret = create_key(session, name=body.name, role=body.role, pools=body.pools or ())
-    return KeyCreated(**_public(session, [row])[0].model_dump(), key=secret)
+    return KeyCreated(**keys_public(session, [row])[0].model_dump(), key=secret)
 
 
 @router.get("", response_model=list[KeyPublic], responses=responses())
 def read_api_keys(*, session: SessionDep, key: AdminDep) -> list[KeyPublic]:
     """All API keys, revoked ones included (never the keys themselves)."""
-    return _public(session, list_keys(session))
+    return keys_public(session, list_keys(session))
 
 
 @router.post("/{key_id}/revoke", response_model=KeyPublic, responses=responses(KeyNotFound))
@@ -53,4 +53,4 @@ def revoke_api_key(*, session: SessionDep, key: AdminDep, key_id: RowId) -> KeyP
     row = revoke_key(session, key_id)
     if row is None:
         raise KeyNotFound(f"no API key {key_id}")
-    return _public(session, [row])[0]
+    return keys_public(session, [row])[0]
