@@ -65,7 +65,7 @@ def keys_list() -> None:
         restrictions = key_pools(session, rows)
     for row, pools in zip(rows, restrictions, strict=True):
         state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
-        scope = "pools " + ",".join(map(str, pools)) if pools else "all pools"
+        scope = "pools " + ",".join(map(str, pools)) if pools else "every pool"
         typer.echo(f"{row.id}\t{row.role}\t{row.name}\t{row.prefix}...\t{scope}\t{state}")
 
 

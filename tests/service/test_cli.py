@@ -43,6 +43,7 @@ def test_keys_create_list_revoke(data_dir: Path) -> None:
         assert key not in {r.key_hash for r in session.exec(select(ApiKey))}
     listed = runner.invoke(app, ["keys", "list"])
     assert "alice" in listed.stdout and "active" in listed.stdout and key not in listed.stdout
+    assert "every pool" in created.output and "\tevery pool\tactive" in listed.stdout
     assert runner.invoke(app, ["keys", "revoke", str(row.id)]).exit_code == 0
     assert "revoked" in runner.invoke(app, ["keys", "list"]).stdout
     with Session(get_engine()) as session:
