@@ -40,14 +40,14 @@ def _fail(message: str) -> None:
 def keys_create(
     role: Role = typer.Option(..., help="admin or annotator"),
     name: str = typer.Option(..., help="who or what uses the key, e.g. alice"),
-    pools: list[int] = typer.Option(
-        [], "--pool", help="restrict an annotator key to this pool (repeat for several)"
+    pools: list[int] | None = typer.Option(
+        None, "--pool", help="restrict an annotator key to this pool (repeat for several)"
     ),
 ) -> None:
     """Create an API key and print it; it is shown only this once."""
     try:
         with _session() as session:
-            row, key = create_key(session, name=name, role=role, pools=pools)
+            row, key = create_key(session, name=name, role=role, pools=pools or ())
     except ServiceError as e:
         _fail(str(e.detail))
     scope = f"pools {sorted(set(pools))}" if pools else "every pool"
