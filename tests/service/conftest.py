@@ -41,19 +41,19 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def _postgres_engine(server_url: str, database: str = PG_DATABASE) -> Engine:
+def _postgres_engine(server_url: str) -> Engine:
     """An engine on our own database, created if absent, so other suites never see our rows."""
     admin = make_engine(server_url)
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         exists = connection.execute(
-            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": database}
+            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": PG_DATABASE}
         ).first()
         if not exists:
             # Another test process may create it first.
             with contextlib.suppress(ProgrammingError):
-                connection.execute(text(f'CREATE DATABASE "{database}"'))
+                connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
     admin.dispose()
-    return make_engine(make_url(server_url).set(database=database).render_as_string(False))
+    return make_engine(make_url(server_url).set(database=PG_DATABASE).render_as_string(False))
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
@@ -80,12 +80,19 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
         return
     server_url = request.getfixturevalue("postgres_url")
     database = f"ally_test_empty_{os.getpid()}"
-    engine = _postgres_engine(server_url, database)
+    admin = make_engine(server_url)
+
+    def run(statement: str) -> None:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text(statement))
+
+    # A crashed run with the same pid may have left it behind, with tables in it.
+    run(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    run(f'CREATE DATABASE "{database}"')
+    engine = make_engine(make_url(server_url).set(database=database).render_as_string(False))
     yield engine
     engine.dispose()
-    admin = make_engine(server_url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text(f'DROP DATABASE "{database}"'))
+    run(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     admin.dispose()
 
 
