@@ -266,7 +266,8 @@ class ApiKeyPool(SQLModel, table=True):
 
     __tablename__ = "api_key_pools"
 
-    # The primary key (key_id, pool_id) is the index the per-request access check reads.
+    # The primary key (key_id, pool_id) is the index that reading a key's pools uses: once per
+    # API process and key (service/auth.py caches them), and for GET /keys.
     key_id: int = Field(foreign_key="api_keys.id", primary_key=True)
     pool_id: int = Field(foreign_key="pools.id", primary_key=True)
 
