@@ -2,8 +2,9 @@
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import distinct, func
+from sqlalchemy import Row, distinct, func
 from sqlmodel import Session, col, select
 
 from service.auth import sees_pool
@@ -92,7 +93,8 @@ def pool_counts(session: Session, pool_ids: list[int]) -> dict[int, PoolCounts]:
     return counts
 
 
-def label_value(label: Label) -> str | float:
+def label_value(label: Label | Row[Any]) -> str | float:
+    """A label's answer: its class name or its number (a Label, or a row with both columns)."""
     if label.value_class is not None:
         return label.value_class
     assert label.value_number is not None

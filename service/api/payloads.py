@@ -70,7 +70,8 @@ def _is(request: Request, media_type: str) -> bool:
     return _media_type(request) == media_type
 
 
-def require_json(request: Request) -> None:
+# Async because it does no I/O: FastAPI runs a sync dependency on a worker thread.
+async def require_json(request: Request) -> None:
     """415 for a body declared as anything but JSON: FastAPI would hand its bytes to the
     model and answer with a puzzling 422 ("Input should be a valid dictionary")."""
     media_type = _media_type(request)

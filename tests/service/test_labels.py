@@ -11,6 +11,7 @@ from sqlmodel import Session, select
 
 from service.blobs import FileBlobStore
 from service.models import InputKind, Item, Label, Pool, Round, Split, Task
+from service.schemas import LabelsCreated
 from tests.service.factories import make_items, make_label, make_pool, make_round, row_counts
 
 
@@ -41,6 +42,24 @@ def test_one_label(client: TestClient, annotator: dict, digits) -> None:
     assert body["created"] == 1
     [label] = body["data"]
     assert (label["value"], label["annotator"], label["round_id"]) == ("7", "alice", round_.id)
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_the_answer_is_exactly_the_json_of_its_declared_model(
+    client: TestClient, annotator: dict, digits, regression, kind: str
+) -> None:
+    """The route serializes its answer itself, for speed: the bytes must be the model's,
+    for new labels and for repeats alike."""
+    _, items = digits if kind == "classification" else regression
+    values = ["3", 4] if kind == "classification" else [1.5, -2.25]
+    batch = [{"item_id": item.id, "value": v} for item, v in zip(items, values, strict=False)]
+    for created in (2, 0):
+        response = client.post("/labels", json=batch, headers=annotator)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        answer = LabelsCreated.model_validate_json(response.content)
+        assert answer.created == created and len(answer.data) == 2
+        assert response.content == answer.model_dump_json().encode()
 
 
 def test_many_labels_default_to_the_round_that_queried_them(

@@ -94,7 +94,7 @@ def test_post_labels_runs_a_fixed_number_of_statements(
             # one there: in-process calls, not round trips. Count distinct statements.
             seen = list(dict.fromkeys(seen))
         counts.append(len(seen))
-    assert counts[0] == counts[1] <= 6
+    assert counts[0] == counts[1] <= 4  # the key, the items, their current labels, the insert
 
 
 @pytest.mark.parametrize("restricted", [False, True], ids=["every pool", "one pool"])
