@@ -11,18 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import redis
-from sqlalchemy import Engine, make_url, text
-from sqlmodel import Session
+from sqlalchemy import Engine, func, make_url, text
+from sqlmodel import Session, select
 
 from service.db import make_engine
-from service.models import Round
+from service.models import Label, Query, Round
 from tests.processes import wait_for
 from worker.demo import Annotator
 
@@ -31,6 +31,8 @@ DIGITS = [str(d) for d in range(10)]
 # Long enough to be caught training (a few seconds), short enough to run twice: a learning
 # rate too small to ever reach the accuracy that stops training early.
 LONG_TRAINING = {"network": "mlp", "training": {"max_epochs": 2000, "primal_lr": 1e-9}}
+# The budget of the round that the fault tests catch training.
+BUDGET = 25
 
 
 def free_port() -> int:
@@ -254,3 +256,64 @@ def query_items(deployment: Deployment, round_id: int) -> list[int]:
     page = deployment.api.get(f"/queries/{round_id}", params={"limit": 500})
     assert page.status_code == 200, page.text
     return [q["item_id"] for q in page.json()["data"]]
+
+
+@dataclass
+class TrainingRound:
+    """A pool whose cold round is labeled, and its second round caught training."""
+
+    pool_id: int
+    cold_round_id: int
+    round_id: int
+    worker: subprocess.Popen
+    labeled: list[tuple[int, str, str]]  # the cold round's labels: item, class, annotator
+
+
+def round_in_training(
+    deployment: Deployment,
+    workers: Callable[[str], subprocess.Popen],
+    annotator: Annotator,
+    name: str,
+    model_spec: dict | None = None,
+) -> TrainingRound:
+    """Start a worker `worker-NAME` and a pool `name` (LONG_TRAINING unless `model_spec`);
+    label its cold round of 40 as alice, and return once its second round (of BUDGET) trains."""
+    pool_id = create_pool(deployment, name, model_spec or LONG_TRAINING)
+    worker = workers(f"worker-{name}")
+    cold = start_round(deployment, pool_id, budget=40)
+    deployment.wait_round(cold["id"], "ready", timeout=120)
+    labeled = answer_queries(deployment, annotator, cold["id"], "alice")
+    round_id = start_round(deployment, pool_id, budget=BUDGET)["id"]
+    wait_for(
+        lambda: deployment.round(round_id)["phase"] == "train",
+        120,
+        "the round to train",
+        every=0.1,
+    )
+    return TrainingRound(pool_id, cold["id"], round_id, worker, labeled)
+
+
+def assert_finished_once(
+    deployment: Deployment, round_id: int, budget: int = BUDGET, attempts: int = 1
+) -> dict:
+    """The round is ready after `attempts` attempts, with one query set of `budget` distinct
+    items, however many workers ran it."""
+    done = deployment.wait_round(round_id, "ready", timeout=120)
+    assert done["attempts"] == attempts and done["error"] is None, done
+    items = query_items(deployment, round_id)
+    assert len(items) == len(set(items)) == budget
+    with Session(deployment.database) as session:
+        stored = session.exec(
+            select(func.count()).select_from(Query).where(Query.round_id == round_id)
+        ).one()
+    assert stored == budget
+    return done
+
+
+def stored_labels(deployment: Deployment, pool_id: int) -> set[tuple[int, str, str]]:
+    """The pool's labels in the database: item, class, annotator."""
+    with Session(deployment.database) as session:
+        return {
+            (label.item_id, label.value_class or "", label.annotator)
+            for label in session.exec(select(Label).where(Label.pool_id == pool_id))
+        }

@@ -23,27 +23,26 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from sqlalchemy import func, text
-from sqlmodel import Session, select
+from sqlalchemy import text
 
 from service.db import make_engine
-from service.models import Label, Query, RoundStatus, utcnow
+from service.models import RoundStatus, utcnow
 from tests.integration.deployment import (
     LONG_TRAINING,
     Deployment,
-    answer_queries,
+    assert_finished_once,
     create_pool,
     deploy,
     free_port,
-    query_items,
+    round_in_training,
     start_round,
+    stored_labels,
 )
 from tests.processes import wait_for
 from worker.demo import Annotator
 
 pytestmark = pytest.mark.integration
 
-BUDGET = 25
 # Redis stays down this long; the round trains longer than that (about 6 s on a quiet machine).
 OUTAGE_SECONDS = 2
 LONGER_TRAINING = LONG_TRAINING | {"training": LONG_TRAINING["training"] | {"max_epochs": 3000}}
@@ -127,11 +126,11 @@ class Annotators:
     """
 
     def __init__(
-        self, deployment: Deployment, answers: list[tuple[int, str]], threads: int = 2
+        self, deployment: Deployment, labeled: list[tuple[int, str, str]], threads: int = 2
     ) -> None:
         self.base_url = deployment.annotator.base_url
         self.headers = dict(deployment.annotator.headers)
-        self.answers = answers
+        self.answers = [(item, value) for item, value, _ in labeled]  # given again and again
         self.acknowledged: list[tuple[float, tuple[int, str, str]]] = []
         self.attempts: list[Attempt] = []
         self._stop = threading.Event()
@@ -210,57 +209,6 @@ def _code(response: httpx.Response) -> str:
         return response.text[:80]
 
 
-def round_in_training(
-    deployment: Deployment,
-    workers: Callable[[str], subprocess.Popen],
-    annotator: Annotator,
-    name: str,
-    model_spec: dict | None = None,
-) -> tuple[int, list[tuple[int, str]], int]:
-    """A pool whose cold round is labeled, and its second round caught training.
-
-    Returns the pool, the labeled (item, class) pairs the annotators repeat, and the round.
-    """
-    pool_id = create_pool(deployment, name, model_spec or LONG_TRAINING)
-    workers(f"worker-{name}")
-    cold = start_round(deployment, pool_id, budget=40)
-    deployment.wait_round(cold["id"], "ready", timeout=120)
-    answers = [
-        (item, value)
-        for item, value, _ in answer_queries(deployment, annotator, cold["id"], "alice")
-    ]
-    round_id = start_round(deployment, pool_id, budget=BUDGET)["id"]
-    wait_for(
-        lambda: deployment.round(round_id)["phase"] == "train",
-        120,
-        "the round to train",
-        every=0.1,
-    )
-    return pool_id, answers, round_id
-
-
-def assert_finished_once(deployment: Deployment, round_id: int, budget: int = BUDGET) -> dict:
-    """The round is ready after one attempt, with one query set of `budget` distinct items."""
-    done = deployment.wait_round(round_id, "ready", timeout=120)
-    assert done["attempts"] == 1 and done["error"] is None, done
-    items = query_items(deployment, round_id)
-    assert len(items) == len(set(items)) == budget
-    with Session(deployment.database) as session:
-        stored = session.exec(
-            select(func.count()).select_from(Query).where(Query.round_id == round_id)
-        ).one()
-    assert stored == budget
-    return done
-
-
-def stored_labels(deployment: Deployment, pool_id: int) -> set[tuple[int, str, str]]:
-    with Session(deployment.database) as session:
-        return {
-            (label.item_id, label.value_class or "", label.annotator)
-            for label in session.exec(select(Label).where(Label.pool_id == pool_id))
-        }
-
-
 def seconds_since(start: datetime, end: datetime | None) -> float:
     assert end is not None
     return round((end - start).total_seconds(), 1)
@@ -274,8 +222,9 @@ def report(fault: str, **figures: object) -> None:
 def test_an_api_killed_mid_round_restarts_and_loses_no_acknowledged_label(
     deployment: Deployment, workers: Callable[[str], subprocess.Popen], annotator: Annotator
 ) -> None:
-    pool_id, answers, round_id = round_in_training(deployment, workers, annotator, "api")
-    with Annotators(deployment, answers) as annotators:
+    training = round_in_training(deployment, workers, annotator, "api")
+    pool_id, round_id = training.pool_id, training.round_id
+    with Annotators(deployment, training.labeled) as annotators:
         annotators.flowing_since(time.monotonic())
         assert deployment.row(round_id).status == RoundStatus.running
         killed = time.monotonic()
@@ -304,11 +253,12 @@ def test_dropped_database_connections_cost_a_retry_and_nothing_else(
     annotator: Annotator,
     postgres_url: str,
 ) -> None:
-    pool_id, answers, round_id = round_in_training(deployment, workers, annotator, "postgres")
+    training = round_in_training(deployment, workers, annotator, "postgres")
+    pool_id, round_id = training.pool_id, training.round_id
     database = deployment.database.url.database
     # The server's own connection, on another database: it survives what it terminates.
     server = make_engine(postgres_url).execution_options(isolation_level="AUTOCOMMIT")
-    with Annotators(deployment, answers) as annotators, server.connect() as watcher:
+    with Annotators(deployment, training.labeled) as annotators, server.connect() as watcher:
         annotators.flowing_since(time.monotonic())
         with deployment.database.connect() as holder:
             # Posting a label and the worker's heartbeat wait on these locks, so that the
@@ -375,10 +325,9 @@ def test_a_redis_restart_loses_no_round_and_no_label(
     redis_server: RedisServer,
 ) -> None:
     late_pool = create_pool(deployment, "redis-late", {"network": "mlp"})
-    pool_id, answers, round_id = round_in_training(
-        deployment, workers, annotator, "redis", LONGER_TRAINING
-    )
-    with Annotators(deployment, answers) as annotators:
+    training = round_in_training(deployment, workers, annotator, "redis", LONGER_TRAINING)
+    pool_id, round_id = training.pool_id, training.round_id
+    with Annotators(deployment, training.labeled) as annotators:
         annotators.flowing_since(time.monotonic())
         assert deployment.row(round_id).status == RoundStatus.running
         redis_server.kill()  # SIGKILL: its queue and the running task's message are gone

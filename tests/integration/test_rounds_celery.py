@@ -12,21 +12,20 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import func
-from sqlmodel import Session, select
 
-from service.models import Label, Query
 from tests.integration.deployment import (
-    LONG_TRAINING,
     Deployment,
     answer_queries,
+    assert_finished_once,
     claim_redis_db,
     create_pool,
     deploy,
     query_items,
+    round_in_training,
     start_round,
+    stored_labels,
 )
-from tests.processes import children, wait_for
+from tests.processes import children
 from worker.demo import Annotator
 
 pytestmark = pytest.mark.integration
@@ -83,45 +82,24 @@ def test_a_worker_killed_mid_round_is_replaced_and_the_round_completes_once(
     workers: Callable[[str], subprocess.Popen],
     annotator: Annotator,
 ) -> None:
-    pool_id = create_pool(deployment, "killed", LONG_TRAINING)
-    first_worker = workers("worker-first")
-    cold = start_round(deployment, pool_id, budget=40)
-    deployment.wait_round(cold["id"], "ready", timeout=90)
-    acknowledged = answer_queries(deployment, annotator, cold["id"], "alice")
-
-    budget = 25
-    round_id = start_round(deployment, pool_id, budget=budget)["id"]
-    wait_for(
-        lambda: deployment.round(round_id)["phase"] == "train",
-        90,
-        "the round to train",
-        every=0.1,
-    )
+    training = round_in_training(deployment, workers, annotator, "killed")
+    round_id = training.round_id
     first_claim = deployment.row(round_id).claimed_by
-    os.killpg(first_worker.pid, signal.SIGKILL)  # the worker and its pool process, at once
-    first_worker.wait(timeout=30)
+    os.killpg(training.worker.pid, signal.SIGKILL)  # the worker and its pool process, at once
+    training.worker.wait(timeout=30)
     interrupted = deployment.round(round_id)
     assert interrupted["status"] == "running" and interrupted["attempts"] == 1
 
     # Annotators keep working while no worker runs: a second opinion on round 1's items.
-    acknowledged += answer_queries(deployment, annotator, cold["id"], "bob")
+    second_opinion = answer_queries(deployment, annotator, training.cold_round_id, "bob")
+    acknowledged = training.labeled + second_opinion
     workers("worker-second")
-    done = deployment.wait_round(round_id, "ready", timeout=120)
 
-    assert done["attempts"] == 2 and done["error"] is None
+    # One query set, although two workers ran the round.
+    assert_finished_once(deployment, round_id, attempts=2)
     assert deployment.row(round_id).claimed_by not in (None, first_claim)
-    items = query_items(deployment, round_id)
-    assert len(items) == len(set(items)) == budget
-    with Session(deployment.database) as session:
-        stored = session.exec(
-            select(func.count()).select_from(Query).where(Query.round_id == round_id)
-        ).one()
-        labels = {
-            (label.item_id, label.value_class, label.annotator)
-            for label in session.exec(select(Label).where(Label.pool_id == pool_id))
-        }
-    assert stored == budget  # one query set, although two workers ran the round
-    assert set(acknowledged) <= labels and len(acknowledged) == 80
+    assert set(acknowledged) <= stored_labels(deployment, training.pool_id)
+    assert len(acknowledged) == 80
 
 
 def test_a_pool_process_killed_mid_round_is_replaced_and_the_round_completes_once(
@@ -130,27 +108,13 @@ def test_a_pool_process_killed_mid_round_is_replaced_and_the_round_completes_onc
     annotator: Annotator,
 ) -> None:
     """The kernel's OOM killer takes the process running the round, not the worker."""
-    pool_id = create_pool(deployment, "oom", LONG_TRAINING)
-    worker = workers("worker-oom")
-    cold = start_round(deployment, pool_id, budget=40)
-    deployment.wait_round(cold["id"], "ready", timeout=90)
-    answer_queries(deployment, annotator, cold["id"], "alice")
-
-    round_id = start_round(deployment, pool_id, budget=25)["id"]
-    wait_for(
-        lambda: deployment.round(round_id)["phase"] == "train",
-        90,
-        "the round to train",
-        every=0.1,
-    )
+    training = round_in_training(deployment, workers, annotator, "oom")
+    worker = training.worker
     [child] = children(worker.pid)
     os.kill(child, signal.SIGKILL)
     # The worker requeues the task (reject on worker lost) and forks a new pool process; the
     # round is claimed again once its lease has run out, through that redelivery (if the new
     # process gets to it late enough) or else through the sweeper's.
-    done = deployment.wait_round(round_id, "ready", timeout=120)
+    assert_finished_once(deployment, training.round_id, attempts=2)
     assert worker.poll() is None, "the worker itself lives on"
-    assert done["attempts"] == 2 and done["error"] is None
-    items = query_items(deployment, round_id)
-    assert len(items) == len(set(items)) == 25
     assert child not in children(worker.pid) and len(children(worker.pid)) == 1
