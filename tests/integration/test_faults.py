@@ -10,7 +10,6 @@ connections are dropped. A worker killed mid-round is tested in test_rounds_cele
 
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -27,6 +26,7 @@ from sqlalchemy import text
 
 from service.db import make_engine
 from service.models import RoundStatus, utcnow
+from tests.conftest import require_command
 from tests.integration.deployment import (
     LONG_TRAINING,
     Deployment,
@@ -91,8 +91,7 @@ class RedisServer:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not on PATH (apt-get install redis-server)")
+    require_command("redis-server", "apt-get install redis-server")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
