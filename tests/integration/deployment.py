@@ -295,7 +295,7 @@ def round_in_training(
 
 def assert_finished_once(
     deployment: Deployment, round_id: int, budget: int = BUDGET, attempts: int = 1
-) -> dict:
+) -> None:
     """The round is ready after `attempts` attempts, with one query set of `budget` distinct
     items, however many workers ran it."""
     done = deployment.wait_round(round_id, "ready", timeout=120)
@@ -307,7 +307,6 @@ def assert_finished_once(
             select(func.count()).select_from(Query).where(Query.round_id == round_id)
         ).one()
     assert stored == budget
-    return done
 
 
 def stored_labels(deployment: Deployment, pool_id: int) -> set[tuple[int, str, str]]:

@@ -109,11 +109,13 @@ def deployment(
 
 @dataclass
 class Attempt:
-    """One POST /labels: when it ended, and its status (None: no answer) or error."""
+    """One POST /labels: when it ended, its status (None: no answer) or error, and the
+    Retry-After header it carried."""
 
     at: float
     status: int | None
     error: str = ""
+    retry_after: str | None = None
 
 
 class Annotators:
@@ -185,7 +187,14 @@ class Annotators:
                 self.attempts.append(Attempt(time.monotonic(), None, type(error).__name__))
                 time.sleep(0.05)
                 continue
-            self.attempts.append(Attempt(time.monotonic(), response.status_code, _code(response)))
+            self.attempts.append(
+                Attempt(
+                    time.monotonic(),
+                    response.status_code,
+                    _code(response),
+                    response.headers.get("retry-after"),
+                )
+            )
             if response.status_code == 200:
                 now = time.monotonic()
                 self.acknowledged.extend(
@@ -306,7 +315,9 @@ def test_dropped_database_connections_cost_a_retry_and_nothing_else(
     assert annotators.labels() <= stored_labels(deployment, pool_id)
     failures = annotators.failures()
     assert failures, "no post was in flight when the connections were dropped"
-    assert all(f.status == 503 and f.error == "DatabaseUnavailable" for f in failures), failures
+    assert all(
+        (f.status, f.error, f.retry_after) == (503, "DatabaseUnavailable", "1") for f in failures
+    ), failures
     assert all(f.at >= dropped_at for f in failures)
     report(
         "PostgreSQL connections dropped",
@@ -345,7 +356,7 @@ def test_a_redis_restart_loses_no_round_and_no_label(
         annotators.flowing_since(up)
 
     assert_finished_once(deployment, round_id)
-    late = assert_finished_once(deployment, during["id"], budget=10)
+    assert_finished_once(deployment, during["id"], budget=10)
     assert annotators.labels() <= stored_labels(deployment, pool_id)
     assert annotators.failures() == []
     # New rounds go straight to the broker again, not through the sweeper.
@@ -361,7 +372,6 @@ def test_a_redis_restart_loses_no_round_and_no_label(
         down_seconds=round(up - down, 1),
         running_round_ready_after=seconds_since(up_at, deployment.row(round_id).finished_at),
         queued_round_started_after=seconds_since(up_at, deployment.row(during["id"]).started_at),
-        queued_round_attempts=late["attempts"],
         round_ran_through_the_outage=outlived,
         labels_acknowledged=len(annotators.acknowledged),
     )
