@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, bindparam, or_, true
+from sqlalchemy import ColumnElement, Select, bindparam, true
 from sqlmodel import Session, col, select
 
 from service.errors import InvalidKeyScope, PoolNotFound
@@ -89,17 +89,21 @@ def sees_pool(session: Session, key: ApiKey, pool_id: ColumnElement[int]) -> Col
     return true() if pools is None else pool_id.in_(sorted(pools))
 
 
-def in_visible_pool(pool_id: ColumnElement[int]) -> ColumnElement[bool]:
-    """`sees_pool` for a statement built once and run with `pool_access(session, key)` as
-    parameters: for the hot routes, where building a statement costs more than running it."""
-    every_pool = bindparam("every_pool", type_=Boolean)
-    return or_(every_pool, pool_id.in_(bindparam("pools", expanding=True)))
+class PoolScoped:
+    """A statement built once, in two forms: for keys that see every pool, and with `sees_pool`
+    for restricted keys, the key's pools bound as the parameter `pools`. For the hot routes,
+    where building a statement costs more than running it."""
 
+    def __init__(self, statement: Select[Any], pool_id: ColumnElement[int]) -> None:
+        self.every_pool = statement
+        self.in_pools = statement.where(pool_id.in_(bindparam("pools", expanding=True)))
 
-def pool_access(session: Session, key: ApiKey) -> dict[str, Any]:
-    """The parameters of `in_visible_pool` for `key`."""
-    pools = restricted_pools(session, key)
-    return {"every_pool": pools is None, "pools": sorted(pools or ())}
+    def for_key(self, session: Session, key: ApiKey) -> tuple[Select[Any], dict[str, Any]]:
+        """The form for `key`, and the parameters it needs."""
+        pools = restricted_pools(session, key)
+        if pools is None:
+            return self.every_pool, {}
+        return self.in_pools, {"pools": sorted(pools)}
 
 
 def find_key(session: Session, key: str) -> ApiKey | None:

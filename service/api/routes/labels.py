@@ -14,7 +14,7 @@ from sqlmodel import col, select
 from service.api.deps import AdminDep, AnnotatorDep, SessionDep
 from service.api.payloads import require_json
 from service.api.responses import model_json
-from service.auth import in_visible_pool, pool_access
+from service.auth import PoolScoped
 from service.crud import get_pool, label_value
 from service.errors import (
     Forbidden,
@@ -50,14 +50,12 @@ def _answer(value: str | float, task: str, classes: list[str] | None, item_id: i
 
 # The statements of this hot route are built once and run with bound parameters: building
 # one per request costs more than running it.
-_ITEMS = (  # each item with its pool, once per round that queried it
+_ITEMS = PoolScoped(  # each item with its pool, once per round that queried it
     select(Item.id, Item.pool_id, Pool.task, Pool.classes, Query.round_id)
     .join(Pool, col(Pool.id) == col(Item.pool_id))
     .outerjoin(Query, col(Query.item_id) == col(Item.id))
-    .where(
-        col(Item.id).in_(bindparam("item_ids", expanding=True)),
-        in_visible_pool(col(Item.pool_id)),
-    )
+    .where(col(Item.id).in_(bindparam("item_ids", expanding=True))),
+    col(Item.pool_id),
 )
 _CURRENT = select(  # each annotator's latest label of the items
     Label.id,
@@ -115,7 +113,8 @@ def create_labels(
     connection = session.connection()
     items: dict[int, Row[Any]] = {}
     queried: dict[int, set[int]] = {}
-    for row in connection.execute(_ITEMS, {"item_ids": item_ids, **pool_access(session, key)}):
+    statement, access = _ITEMS.for_key(session, key)
+    for row in connection.execute(statement, {"item_ids": item_ids, **access}):
         items[row.id] = row
         if row.round_id is not None:
             queried.setdefault(row.id, set()).add(row.round_id)

@@ -8,7 +8,7 @@ from sqlmodel import col, select
 
 from service.api.deps import AnnotatorDep, SessionDep
 from service.api.responses import model_json
-from service.auth import in_visible_pool, pool_access
+from service.auth import PoolScoped
 from service.errors import RoundNotFound, RoundNotReady, responses
 from service.models import InputKind, Label, Pool, Query, Round, RoundStatus, utcnow
 from service.schemas import MAX_INT, MAX_PAGE, Name, QueriesPage, RowId
@@ -19,7 +19,7 @@ router = APIRouter(tags=["queries"])
 # The statements of this hot route are built once and run with bound parameters: building
 # one per request costs more than running it.
 _labeled = exists().where(col(Label.item_id) == col(Query.item_id))
-_ROUND = (
+_ROUND = PoolScoped(
     select(
         Round.status,
         Round.pool_id,
@@ -29,7 +29,8 @@ _ROUND = (
         select(func.count()).where(Query.round_id == Round.id).scalar_subquery(),
     )
     .join(Pool, col(Pool.id) == col(Round.pool_id))
-    .where(Round.id == bindparam("round_id"), in_visible_pool(col(Round.pool_id)))
+    .where(Round.id == bindparam("round_id")),
+    col(Round.pool_id),
 )
 _QUERIES = select(
     Query.item_id,
@@ -108,8 +109,8 @@ def read_queries(
     # Core rather than ORM execution: these are plain rows, and the ORM's row handling
     # costs more than the query.
     connection = session.connection()
-    access = pool_access(session, key)
-    found = connection.execute(_ROUND, {"round_id": round_id, **access}).first()
+    statement, access = _ROUND.for_key(session, key)
+    found = connection.execute(statement, {"round_id": round_id, **access}).first()
     if found is None:
         raise RoundNotFound(f"no round {round_id}")
     status, pool_id, task, classes, input_kind, count = found
