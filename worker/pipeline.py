@@ -40,7 +40,7 @@ from service.models import (
 from service.settings import settings
 from worker.ally.data import input_tensors
 from worker.ally.loop import ask, evaluate, fit
-from worker.ally.pdcl import PDCLConfig, PDCLResult
+from worker.ally.pdcl import EpochRecord, PDCLConfig, PDCLResult
 from worker.ally.registry import get_strategy
 from worker.ally.select import kmeans_coverage
 from worker.ally.strategies import Selection
@@ -131,8 +131,12 @@ def compute(round_: Round, pool: Pool, inputs: RoundInputs, heartbeat: Heartbeat
     except TypeError as error:
         raise RoundInputError(f"pool {pool.id} model_spec.training: {error}") from error
 
-    def on_epoch(record) -> None:
+    calibrating = strategy.constraint(inputs.task) == "auto"
+
+    def on_epoch(record: EpochRecord) -> None:
         share = min(record.epoch / config.max_epochs, 1.0)
+        if calibrating:  # two runs: the unconstrained one that sets ε, then PDCL
+            share = (share + (not record.calibration)) / 2
         start = PROGRESS["load"]
         heartbeat.beat("train", start + share * (PROGRESS["train"] - start))
 

@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from worker.ally.networks import MLP
-from worker.ally.pdcl import PDCLConfig, dual_step, train
+from worker.ally.pdcl import EpochRecord, PDCLConfig, dual_step, train
 
 
 def _frozen_linear(logits: torch.Tensor) -> MLP:
@@ -109,6 +109,24 @@ def test_auto_epsilon_is_a_multiple_of_the_unconstrained_loss():
     auto = PDCLConfig(epsilon="auto", epsilon_scale=1.2, max_epochs=4, target_accuracy=2.0)
     result = train(MLP(64, 10), x, y, ids, "classification", auto, seed=1)
     np.testing.assert_allclose(result.epsilon, 1.2 * plain.history[-1].loss, rtol=1e-4)
+
+
+def test_the_calibration_run_reports_its_epochs_and_can_be_stopped():
+    x, y, ids = _digits(100)
+    auto = PDCLConfig(epsilon="auto", max_epochs=3, target_accuracy=2.0)
+    seen: list[tuple[bool, int]] = []
+    train(MLP(64, 10), x, y, ids, "classification", auto, seed=0,
+          on_epoch=lambda r: seen.append((r.calibration, r.epoch)))  # fmt: skip
+    assert seen == [(True, 1), (True, 2), (True, 3), (False, 1), (False, 2), (False, 3)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(record: EpochRecord) -> None:
+        raise Cancelled  # how the worker's heartbeat stops a cancelled round
+
+    with pytest.raises(Cancelled):
+        train(MLP(64, 10), x, y, ids, "classification", auto, seed=0, on_epoch=cancel)
 
 
 def test_holdout_stopping_keeps_the_holdout_out_of_the_constraints():

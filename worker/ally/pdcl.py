@@ -75,6 +75,7 @@ class EpochRecord:
     active_share: float  # share of samples with λ > 0 after the epoch
     train_accuracy: float | None  # running accuracy over the epoch (classification)
     holdout_loss: float | None
+    calibration: bool = False  # an epoch of the unconstrained run that sets ε = "auto"
 
 
 @dataclass
@@ -102,7 +103,8 @@ def train(
 ) -> PDCLResult:
     """Train `model` on the labeled set with PDCL; `on_epoch` returning True stops training."""
     if config.epsilon == "auto":
-        config = replace(config, epsilon=calibrate_epsilon(model, x, y, ids, task, config, seed))
+        epsilon = calibrate_epsilon(model, x, y, ids, task, config, seed, on_epoch)
+        config = replace(config, epsilon=epsilon)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     train_pos, holdout_pos = _holdout_split(len(ids), config.holdout_fraction, generator)
@@ -202,10 +204,15 @@ def calibrate_epsilon(
     task: Task,
     config: PDCLConfig,
     seed: int,
+    on_epoch: Callable[[EpochRecord], bool | None] | None = None,
 ) -> float:
-    """ε = c · p_u, p_u the final-epoch mean loss of unconstrained training (paper §5.4)."""
+    """ε = c · p_u, p_u the final-epoch mean loss of unconstrained training (paper §5.4).
+
+    `on_epoch` sees its epochs marked `calibration`, so a caller can report progress and stop.
+    """
     probe = copy.deepcopy(model)
-    result = train(probe, x, y, ids, task, replace(config, epsilon=None), seed)
+    report = None if on_epoch is None else lambda r: on_epoch(replace(r, calibration=True))
+    result = train(probe, x, y, ids, task, replace(config, epsilon=None), seed, report)
     return config.epsilon_scale * result.history[-1].loss
 
 
