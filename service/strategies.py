@@ -25,13 +25,24 @@ class NoParams(BaseModel):
 
 
 class AllyParams(NoParams):
-    k: int | None = Field(default=None, ge=1, description="Clusters to spread the picks over.")
-    dual_cap_quantile: float | None = Field(
-        default=None, gt=0, le=1, description="Skip items whose predicted dual is above this."
+    """The defaults are the worker's (`worker.ally.select.Ally`): the best measured setting."""
+
+    k: int | None = Field(
+        default=None, ge=1, description="Clusters to spread the picks over (null: the budget)."
     )
-    epsilon: Epsilon | None = Field(default=None, description="The constraint level, or 'auto'.")
+    dual_cap_quantile: float | None = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description="Skip items whose predicted dual is above this quantile (null: no cap).",
+    )
+    epsilon: Epsilon | None = Field(
+        default="auto",
+        description="The constraint level: 'auto' calibrates it, null is the paper's fixed "
+        "0.2 nats (classification) or 0.1 (standardized regression).",
+    )
     confidence: bool = Field(
-        default=False,
+        default=True,
         description="Let the dual head see the model's sorted class probabilities as well.",
     )
 

@@ -64,6 +64,7 @@ def synthetic_evidence(
         pool_ids=np.arange(labeled, total),
         pool_embeddings=embeddings[labeled:],
         pool_outputs=logits[labeled:],
+        labeled_outputs=logits[:labeled],
     )
 
 

@@ -37,3 +37,12 @@ def test_training_options_are_pdcl_config_fields() -> None:
 def test_the_networks_are_the_workers() -> None:
     network = ModelSpec.model_fields["network"].annotation
     assert set(get_args(network)) == {"auto", *NETWORKS}
+
+
+def test_the_service_declares_the_workers_defaults() -> None:
+    for name, cls in WORKER_STRATEGIES.items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        worker = {f.name: f.default for f in dataclasses.fields(cls)}
+        for field, info in PARAMS[name].model_fields.items():
+            assert info.default == worker[field], (name, field)

@@ -1,5 +1,7 @@
 """ALLY's query: diverse selection over k-means clusters of predicted duals."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,7 @@ def _evidence(n_pool: int = 400, n_labeled: int = 60, d: int = 8, seed: int = 0)
         pool_ids=np.arange(n_pool) * 3 + 1,
         pool_embeddings=rng.normal(size=(n_pool, d)).astype(np.float32),
         pool_outputs=rng.normal(size=(n_pool, 10)).astype(np.float32),
+        labeled_outputs=rng.normal(size=(n_labeled, 10)).astype(np.float32),
     )
 
 
@@ -160,14 +163,14 @@ def _confidence_evidence(seed: int = 0) -> Evidence:
 def test_confidence_lets_the_dual_head_find_items_near_the_decision_boundary():
     evidence = _confidence_evidence()
     gap = evidence.pool_outputs[:, 0]
-    with_profile = Ally(k=1, confidence=True).select(evidence, 50, seed=0)
-    blind = Ally(k=1).select(evidence, 50, seed=0)
+    with_profile = Ally(k=1, confidence=True, dual_cap_quantile=None).select(evidence, 50, seed=0)
+    blind = Ally(k=1, confidence=False, dual_cap_quantile=None).select(evidence, 50, seed=0)
     assert np.corrcoef(with_profile.pool_scores, -gap)[0, 1] > 0.8
     assert abs(np.corrcoef(blind.pool_scores, -gap)[0, 1]) < 0.3
     assert gap[with_profile.ids - 1000].mean() < 1.5 < gap[blind.ids - 1000].mean()
 
 
 def test_confidence_needs_the_labeled_outputs():
-    evidence = _evidence()
+    evidence = dataclasses.replace(_evidence(), labeled_outputs=None)
     with pytest.raises(ValueError, match="outputs on the labeled items"):
         Ally(confidence=True).select(evidence, 5, seed=0)
