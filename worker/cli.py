@@ -86,10 +86,19 @@ def bench(
     pool_size: int | None = typer.Option(None, help="random subset of the training pool"),
     network: str = typer.Option("auto", help="auto, mlp or resnet18"),
     out: Path = typer.Option(..., help="folder for results.json, curves.png and table.md"),
+    headline: str | None = typer.Option(
+        None, help="comma-separated strategies to plot alone as headline.png"
+    ),
 ) -> None:
     """Learning curves of strategies on a real dataset, with a simulated annotator."""
     from worker.ally import bench as learning_curves
 
+    chosen = [s.strip() for s in (headline or "").split(",") if s.strip()]
+    try:
+        for name in chosen:  # a typo fails now, not after the whole benchmark
+            learning_curves.parse_strategy(name)
+    except ValueError as error:
+        raise typer.BadParameter(f"--headline: {error}") from error
     spec = learning_curves.BenchSpec(
         dataset=dataset,
         strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
@@ -110,6 +119,11 @@ def bench(
     markdown = learning_curves.table(rows, results["metric"])
     (out / "table.md").write_text(markdown + "\n")
     typer.echo(markdown)
+    if chosen:
+        unknown = set(chosen) - {r["strategy"] for r in results["runs"]}
+        if unknown:
+            raise typer.BadParameter(f"--headline: no results for {sorted(unknown)}")
+        learning_curves.plot(results, out / "headline.png", chosen)
 
 
 if __name__ == "__main__":

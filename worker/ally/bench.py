@@ -8,7 +8,7 @@ Results are written after every run, so an interrupted benchmark resumes where i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -234,27 +234,32 @@ def table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    """Mean ± std learning curve per strategy, like the paper's Figure 2."""
+def plot(results: dict, path: Path, strategies: Sequence[str] | None = None) -> None:
+    """Mean ± std learning curve per strategy (all, or those named), like the paper's Figure 2."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(r["strategy"] for r in results["runs"]):
+    names = list(strategies or dict.fromkeys(r["strategy"] for r in results["runs"]))
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    for index, name in enumerate(names):
         runs = [r for r in results["runs"] if r["strategy"] == name]
         length = min(len(r["metric"]) for r in runs)
         labeled = np.array(runs[0]["labeled"][:length])
         metric = np.array([r["metric"][:length] for r in runs])
         mean, std = metric.mean(0), metric.std(0)
-        ax.plot(labeled, mean, marker="o", markersize=3, label=f"{name} ({len(runs)} seeds)")
-        ax.fill_between(labeled, mean - std, mean + std, alpha=0.2)
+        color = colors[index % len(colors)]
+        label = f"{name} ({len(runs)} seeds)"
+        ax.plot(labeled, mean, marker="o", markersize=3, color=color, label=label)
+        ax.fill_between(labeled, mean - std, mean + std, color=color, alpha=0.15)
     ax.set_xlabel("labeled samples")
     ax.set_ylabel("test accuracy" if results["metric"] == "accuracy" else "test MSE")
     ax.set_title(f"{results['dataset']}: learning curves (mean ± std)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    # Beside the axes: strategy specs are long, and many curves end close together.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
