@@ -80,6 +80,8 @@ def test_the_pools_epsilon_goes_to_ally_rounds_only(
     ("strategy", "params"),
     [
         ("ally", {"epsilon": "auto", "k": 3, "dual_cap_quantile": 1.0}),
+        # The paper's own setting, switching the service's defaults off.
+        ("ally", {"epsilon": None, "confidence": False, "dual_cap_quantile": None}),
         ("badge", {"max_pending": 8}),
         ("coreset", {"candidates": 100}),
         ("random", {}),
