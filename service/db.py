@@ -20,7 +20,7 @@ _MIGRATION_LOCK = 724_311_905
 def make_engine(url: str) -> Engine:
     """An engine for `url`; on SQLite: foreign keys on, and writers wait instead of failing."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size)
     path = url.split(":///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     # Unset: a SQLite file under data_dir.
     database_url: str | None = None
+    # Connections each process keeps open to a server database (PostgreSQL). No more API
+    # requests than this hold a session at once: the others wait their turn before taking one.
+    db_pool_size: int = 10
     # Unset: rounds run in the embedded local process pool instead of Celery.
     broker_url: str | None = None
 

@@ -3,6 +3,8 @@
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+from anyio import CapacityLimiter
+from anyio.lowlevel import RunVar
 from fastapi import Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -23,21 +25,41 @@ async def get_db() -> AsyncIterator[Session]:
     commit (or rollback) runs on a worker thread. A sync dependency would cost every request
     two trips through the thread pool, to open the session and to close it.
     """
-    session = Session(get_engine(), expire_on_commit=False)
-    try:
-        yield session
-    except BaseException:
-        await run_in_threadpool(session.close)  # rolls back
-        raise
-    if session.in_transaction():
-        await run_in_threadpool(_commit_and_close, session)
-    else:
-        session.close()  # it never held a connection
+    async with _sessions():
+        session = Session(get_engine(), expire_on_commit=False)
+        try:
+            yield session
+        except BaseException:
+            await run_in_threadpool(session.close)  # rolls back
+            raise
+        if session.in_transaction():
+            await run_in_threadpool(_commit_and_close, session)
+        else:
+            session.close()  # it never held a connection
 
 
 def _commit_and_close(session: Session) -> None:
     with session:
         session.commit()
+
+
+_session_limiter: RunVar[CapacityLimiter] = RunVar("sessions")
+
+
+def _sessions() -> CapacityLimiter:
+    """At most `db_pool_size` requests of this process hold a session at once; the others
+    wait here, in order, before they take a connection.
+
+    Without it a request thread may wait in SQLAlchemy's pool, where other threads can pass
+    it over again and again (seconds, under load), while holding one of the thread pool's
+    places that the requests with a connection need to finish and give theirs back.
+    """
+    try:
+        return _session_limiter.get()
+    except LookupError:
+        limiter = CapacityLimiter(settings.db_pool_size)
+        _session_limiter.set(limiter)
+        return limiter
 
 
 def get_blobs() -> BlobStore:

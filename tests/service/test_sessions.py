@@ -1,14 +1,18 @@
 """The request's session (service.api.deps.get_db) on a real database, without the test
 transaction the other service tests run in: committed when the handler returns, rolled back
-when it raises, and never holding a connection a handler did not ask for."""
+when it raises, never holding a connection a handler did not ask for, and never stuck
+however many requests come at once for the few connections a process has."""
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
+import httpx
 import pytest
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func
+from sqlalchemy import Engine, create_engine, func, text
 from sqlmodel import Session, select
 from starlette.exceptions import HTTPException
 
@@ -17,6 +21,7 @@ from service.api.deps import SessionDep
 from service.db import make_engine, migrate
 from service.errors import InvalidParams, http_error_handler
 from service.models import InputKind, Pool, Task
+from service.settings import settings
 
 
 @pytest.fixture
@@ -76,3 +81,42 @@ def test_a_handler_without_queries_leaves_every_connection_in_the_pool(
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     with Session(engine) as session:
         assert session.exec(select(func.count()).select_from(Pool)).one() == 1
+
+
+@pytest.mark.anyio
+async def test_many_requests_at_once_for_few_connections_all_get_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two connections, two worker threads, twenty requests at once. A request holds its
+    connection from its handler through the validation of its answer to its commit, each a
+    trip through the thread pool: were the threads taken by handlers waiting for a
+    connection, neither would ever move (until the pool's timeout: an error)."""
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'two.db'}",
+        pool_size=2,
+        max_overflow=0,
+        pool_timeout=5,
+        connect_args={"check_same_thread": False},
+    )
+    monkeypatch.setattr(deps, "get_engine", lambda: engine)
+    monkeypatch.setattr(settings, "db_pool_size", 2)
+    to_thread.current_default_thread_limiter().total_tokens = 2
+    app = FastAPI()
+
+    @app.get("/one")
+    def one(session: SessionDep) -> int:
+        return session.execute(text("SELECT 1")).scalar_one()
+
+    statuses: list[int] = []
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+        async def get() -> None:
+            statuses.append((await client.get("/one")).status_code)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as requests:
+                for _ in range(20):
+                    requests.start_soon(get)
+    engine.dispose()
+    assert statuses == [200] * 20
