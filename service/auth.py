@@ -39,7 +39,13 @@ def create_key(
     if missing:
         raise PoolNotFound(f"no pools {missing}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, role=role, key_hash=hash_key(key), prefix=key[: len(KEY_PREFIX) + 6])
+    row = ApiKey(
+        name=name,
+        role=role,
+        key_hash=hash_key(key),
+        prefix=key[: len(KEY_PREFIX) + 6],
+        restricted=bool(pool_ids),
+    )
     session.add(row)
     session.flush()
     for pool_id in pool_ids:
@@ -57,26 +63,28 @@ def key_pools(session: Session, keys: Sequence[ApiKey]) -> list[list[int] | None
         .order_by(col(ApiKeyPool.key_id), col(ApiKeyPool.pool_id))
     ):
         restricted.setdefault(key_id, []).append(pool_id)
-    return [restricted.get(key.id) for key in keys]
+    return [restricted.get(key.id, []) if key.restricted else None for key in keys]
 
 
 # A key's pools are stored with the key and never change (to change them, create a new key
 # and revoke the old one), so each process reads them once per key: the hot routes then pay
 # nothing for unrestricted keys. Keyed by the key's hash, which no other key ever shares.
-_pools_by_key_hash: dict[str, frozenset[int] | None] = {}
+_pools_by_key_hash: dict[str, frozenset[int]] = {}
 _MAX_CACHED_KEYS = 100_000
 
 
 def restricted_pools(session: Session, key: ApiKey) -> frozenset[int] | None:
-    """The pools an annotator key is restricted to; None: every pool (always for admins)."""
-    if key.role == Role.admin:
+    """The pools a restricted key may see (possibly none); None: every pool."""
+    if not key.restricted or key.role == Role.admin:
         return None
-    if key.key_hash not in _pools_by_key_hash:
+    pools = _pools_by_key_hash.get(key.key_hash)
+    if pools is None:
         pool_ids = session.exec(select(ApiKeyPool.pool_id).where(ApiKeyPool.key_id == key.id))
+        pools = frozenset(pool_ids)
         if len(_pools_by_key_hash) >= _MAX_CACHED_KEYS:
             _pools_by_key_hash.clear()
-        _pools_by_key_hash[key.key_hash] = frozenset(pool_ids) or None
-    return _pools_by_key_hash[key.key_hash]
+        _pools_by_key_hash[key.key_hash] = pools
+    return pools
 
 
 def sees_pool(session: Session, key: ApiKey, pool_id: ColumnElement[int]) -> ColumnElement[bool]:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, String, UniqueConstraint, text
+from sqlalchemy import JSON, DateTime, Index, String, UniqueConstraint, false, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -259,10 +259,12 @@ class ApiKey(SQLModel, table=True):
     prefix: str = Field(max_length=16)  # the key's first characters, to recognise it
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # True: the key sees only the pools in api_key_pools (none, should its rows be lost).
+    restricted: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class ApiKeyPool(SQLModel, table=True):
-    """A pool an annotator key is restricted to; a key with no rows here sees every pool."""
+    """A pool a restricted annotator key may see."""
 
     __tablename__ = "api_key_pools"
 

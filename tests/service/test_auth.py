@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from service.auth import create_key, hash_key, live_keys, revoke_key
 from service.blobs import FileBlobStore
-from service.models import ApiKey, Label, Role, RoundStatus, utcnow
+from service.models import ApiKey, ApiKeyPool, Label, Role, RoundStatus, utcnow
 from tests.service.factories import image_bytes, make_items, make_pool, make_round, row_counts
 
 
@@ -374,6 +374,29 @@ def test_a_restricted_annotator_works_on_its_own_pool(
     assert labeled.status_code == 200, labeled.text
     assert labeled.json()["created"] == 5
     assert {label["round_id"] for label in labeled.json()["data"]} == {world.ready_round}
+
+
+def test_a_restricted_key_revoked_after_its_pools_were_read_gets_401_at_once(
+    client: TestClient, session: Session, world: World, admin: dict[str, str]
+) -> None:
+    row, key = create_key(session, name="ivy", role=Role.annotator, pools=[world.pool])
+    assert client.get(f"/items/{world.item}", headers=_bearer(key)).status_code == 200
+    assert client.post(f"/keys/{row.id}/revoke", headers=admin).status_code == 200
+    response = client.get(f"/items/{world.item}", headers=_bearer(key))
+    assert response.status_code == 401
+    assert response.json()["error"] == "NotAuthenticated"
+
+
+def test_a_restricted_key_whose_pool_rows_are_gone_sees_no_pool(
+    client: TestClient, session: Session, world: World
+) -> None:
+    """Fail closed: losing the rows (a restore, a hand edit) must not widen the key."""
+    row, key = create_key(session, name="jay", role=Role.annotator, pools=[world.other_pool])
+    for link in session.exec(select(ApiKeyPool).where(ApiKeyPool.key_id == row.id)):
+        session.delete(link)
+    session.flush()
+    for path in (f"/items/{world.item}", f"/queries/{world.ready_round}"):
+        assert client.get(path, headers=_bearer(key)).status_code == 404, path
 
 
 def test_a_key_restricted_to_several_pools_sees_each_of_them(

@@ -3,21 +3,22 @@
 import io
 import tarfile
 import zipfile
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlmodel import Session, SQLModel, select
 
 from service.archives import extract
-from service.auth import create_key, key_pools
+from service.auth import key_pools
 from service.blobs import FileBlobStore, blob_key
 from service.db import alembic_config
 from service.errors import InvalidArchive, PayloadTooLarge
-from service.models import ApiKey, Pool, Role
+from service.models import ApiKey
 
 
 def test_blobs_are_content_addressed(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -65,30 +66,61 @@ def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
         (command.downgrade if down else command.upgrade)(config, revision)
 
 
+def _insert_key(connection: Connection, name: str, pools: Sequence[int] = ()) -> int:
+    """A key row as the old revisions store it (the current model has more columns)."""
+    key_id = connection.execute(
+        text(
+            "INSERT INTO api_keys (name, role, key_hash, prefix, created_at) "
+            "VALUES (:name, 'annotator', :hash, 'ally_x', CURRENT_TIMESTAMP) RETURNING id"
+        ),
+        {"name": name, "hash": name * 8},
+    ).scalar_one()
+    for pool_id in pools:
+        connection.execute(
+            text("INSERT INTO api_key_pools (key_id, pool_id) VALUES (:key, :pool)"),
+            {"key": key_id, "pool": pool_id},
+        )
+    return key_id
+
+
 def test_pool_restricted_keys_migrate_up_and_down(empty_engine: Engine) -> None:
     _migrate(empty_engine, "0003")
-    with Session(empty_engine, expire_on_commit=False) as session:
-        pool = Pool(name="p", task="regression", input_kind="vector")
-        session.add(pool)
-        old, _ = create_key(session, name="old", role=Role.annotator)
-        session.commit()
+    with empty_engine.begin() as connection:
+        pool_id = connection.execute(
+            text(
+                "INSERT INTO pools (name, task, input_kind, model_spec, default_strategy, "
+                "default_budget, created_at) VALUES ('p', 'regression', 'vector', '{}', "
+                "'ally', 100, CURRENT_TIMESTAMP) RETURNING id"
+            )
+        ).scalar_one()
+        _insert_key(connection, "old")
     _migrate(empty_engine, "0004")
-    with Session(empty_engine) as session:
-        # Keys from before stay unrestricted; new ones may be restricted.
-        assert key_pools(session, [old]) == [None]
-        create_key(session, name="new", role=Role.annotator, pools=[pool.id])  # type: ignore[list-item]
-        session.commit()
+    with empty_engine.begin() as connection:
+        _insert_key(connection, "new", [pool_id])
     # Down: the restricted key would see every pool, so it is revoked instead.
     _migrate(empty_engine, "0003", down=True)
     with empty_engine.connect() as connection:
         assert "api_key_pools" not in inspect(connection).get_table_names()
-    with Session(empty_engine) as session:
-        revoked = {key.name: key.revoked_at for key in session.exec(select(ApiKey))}
+        revoked = dict(connection.execute(text("SELECT name, revoked_at FROM api_keys")).all())
     assert revoked["old"] is None and revoked["new"] is not None
-    assert revoked["new"].tzinfo is not None
+    # Up again: keys restricted before 0006 are marked restricted, the others are not.
+    _migrate(empty_engine, "0005")
+    with empty_engine.begin() as connection:
+        _insert_key(connection, "newer", [pool_id])
     _migrate(empty_engine, "head")
+    with Session(empty_engine) as session:
+        keys = {key.name: key for key in session.exec(select(ApiKey))}
+        assert {name: key.restricted for name, key in keys.items()} == {
+            "old": False,
+            "new": False,  # revoked by the downgrade, its pool rows dropped with the table
+            "newer": True,
+        }
+        assert key_pools(session, [keys["old"], keys["newer"]]) == [None, [pool_id]]
+    _migrate(empty_engine, "0005", down=True)
     with empty_engine.connect() as connection:
-        assert "api_key_pools" in inspect(connection).get_table_names()
+        columns = {column["name"] for column in inspect(connection).get_columns("api_keys")}
+    assert "restricted" not in columns
+    _migrate(empty_engine, "head")
 
 
 def _zip(files: dict[str, bytes]) -> io.BytesIO:
