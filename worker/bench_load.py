@@ -238,14 +238,23 @@ def require_wrk() -> str:
 
 
 def wrk(
-    setup: Setup, route: str, seconds: int, *, connections: int, threads: int, keys: list[str]
+    setup: Setup,
+    route: str,
+    seconds: int,
+    *,
+    connections: int,
+    threads: int,
+    keys: list[str],
+    timeout: int = 2,
 ) -> dict[str, Any]:
-    """One wrk phase on `route` (healthz, queries or labels): its report, with requests/s."""
+    """One wrk phase on `route` (healthz, queries or labels): its report, with requests/s.
+    A request unanswered after `timeout` seconds counts as an error."""
     command = [
         require_wrk(),
         f"--threads={threads}",
         f"--connections={connections}",
         f"--duration={seconds}s",
+        f"--timeout={timeout}s",
         f"--script={LUA_SCRIPT}",
         setup.service.base_url,
         "--",
@@ -290,6 +299,7 @@ def run_plan(
     threads: int,
     warmup: int,
     annotators: int = 8,
+    timeout: int = 2,
 ) -> dict[str, Any]:
     """The warm-up, then PLAN's phases; each route's ratio to the /healthz around it."""
     warmup_phases = []
@@ -297,13 +307,29 @@ def run_plan(
         for route in ("healthz", "queries", "labels"):
             keys = setup.annotator_keys("warmup", annotators)
             warmup_phases.append(
-                wrk(setup, route, warmup, connections=connections, threads=threads, keys=keys)
+                wrk(
+                    setup,
+                    route,
+                    warmup,
+                    connections=connections,
+                    threads=threads,
+                    keys=keys,
+                    timeout=timeout,
+                )
             )
     keys = setup.annotator_keys("annotator", annotators)
     phases = []
     for route in PLAN:
         print(f"{ROUTES[route]} for {seconds} s ... ", end="", flush=True)
-        phase = wrk(setup, route, seconds, connections=connections, threads=threads, keys=keys)
+        phase = wrk(
+            setup,
+            route,
+            seconds,
+            connections=connections,
+            threads=threads,
+            keys=keys,
+            timeout=timeout,
+        )
         phase["load_average"] = load_average()
         print(
             f"{phase['requests_per_s']:.0f} requests/s, "

@@ -25,7 +25,8 @@ def test_under_load_every_request_succeeds_and_every_acknowledged_label_is_store
         assert refused["requests"] > 0
         assert refused["status"]["4xx"] == refused["failed"] == refused["requests"]
 
-        result = run_plan(setup, seconds=2, connections=32, threads=2, warmup=0)
+        # A slow answer is the benchmark's business; here only a wrong or missing one fails.
+        result = run_plan(setup, seconds=2, connections=32, threads=2, warmup=0, timeout=10)
         stored = setup.labels_in_database()
 
     assert [p["route"] for p in result["phases"]] == [
@@ -37,7 +38,7 @@ def test_under_load_every_request_succeeds_and_every_acknowledged_label_is_store
     ]
     for phase in result["phases"]:
         assert phase["requests"] > 0
-        assert phase["failed"] == 0, phase  # socket errors, timeouts and non-2xx answers
+        assert phase["failed"] == 0, phase  # socket errors, timeouts, non-2xx answers
         assert phase["status"]["2xx"] == phase["requests"]
     [labels] = [p for p in result["phases"] if p["route"] == "labels"]
     # Each acknowledged label is a new row (no repeats), and stored; those sent but still
