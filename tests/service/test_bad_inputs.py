@@ -4,7 +4,7 @@ were. A repeated submission is the one kind answered with a 2xx, by design: retr
 safe, so a repeated upload or label is reported as already there and stores nothing new."""
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,40 +95,24 @@ def raw(method: str, path: str, content: bytes, content_type: str) -> Callable[[
 
 def labels(*values: str) -> Callable[[World], Request]:
     """A batch of labels on the digit pool's queried items, one raw JSON value each."""
-
-    def request(w: World) -> Request:
-        batch = ", ".join(
-            f'{{"item_id": {item}, "value": {value}}}'
-            for item, value in zip(w.digit_items, values, strict=False)
-        )
-        return (
-            "POST",
-            "/labels",
-            {
-                "content": f"[{batch}]",
-                "headers": {"content-type": "application/json"},
-            },
-        )
-
-    return request
+    return _label_batch(lambda w: w.digit_items, values)
 
 
 def targets(*values: str) -> Callable[[World], Request]:
     """A batch of regression labels, one raw JSON number (or other literal) each."""
+    return _label_batch(lambda w: w.regression_items, values)
 
+
+def _label_batch(
+    items_of: Callable[[World], Sequence[int]], values: Sequence[str]
+) -> Callable[[World], Request]:
     def request(w: World) -> Request:
         batch = ", ".join(
             f'{{"item_id": {item}, "value": {value}}}'
-            for item, value in zip(w.regression_items, values, strict=False)
+            for item, value in zip(items_of(w), values, strict=False)
         )
-        return (
-            "POST",
-            "/labels",
-            {
-                "content": f"[{batch}]",
-                "headers": {"content-type": "application/json"},
-            },
-        )
+        body = {"content": f"[{batch}]", "headers": {"content-type": "application/json"}}
+        return "POST", "/labels", body
 
     return request
 
