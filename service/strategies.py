@@ -34,7 +34,8 @@ class AllyParams(NoParams):
         default=0.95,
         gt=0,
         le=1,
-        description="Skip items whose predicted dual is above this quantile (null: no cap).",
+        description="Within each cluster, rank items whose predicted dual is above this "
+        "quantile last (null: no cap).",
     )
     epsilon: Epsilon | None = Field(
         default="auto",

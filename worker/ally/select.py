@@ -37,8 +37,9 @@ def diverse_top(
 ) -> np.ndarray:
     """Positions of `budget` distinct items: the top budget/k scores of each of the k clusters.
 
-    Clusters get equal quotas (the first budget mod k clusters one more). Items scoring above
-    `cap` rank after all others, so suspected outliers are taken only when nothing else is left.
+    Clusters get equal quotas (the first budget mod k clusters one more). Within a cluster, items
+    scoring above `cap` rank after the others, so a suspected outlier is taken only when its
+    cluster has nothing else left (a cluster made only of such items still fills its quota).
     Quotas a cluster cannot fill (too small or empty) are back-filled from the global ranking.
     """
     key = np.where(scores > cap, -np.inf, scores) if cap is not None else scores
