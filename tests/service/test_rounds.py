@@ -16,6 +16,7 @@ from service import jobs
 from service.blobs import FileBlobStore
 from service.models import InputKind, Round, RoundStatus, Task
 from service.settings import settings
+from service.strategies import PARAMS
 from tests.service.factories import make_items, make_label, make_pool, make_round, row_counts
 
 
@@ -48,7 +49,8 @@ def test_create_round_queues_it_and_points_to_it(
     assert response.headers["location"] == f"/rounds/{body['id']}"
     assert body["status"] == "queued" and body["number"] == 1 and body["percent"] == 0
     assert (body["strategy"], body["budget"], body["seed"]) == ("ally", 10, 3)
-    assert body["params"] == {"epsilon": 0.2, "k": 4}
+    # Every setting is stored, the defaults included: the round runs them whatever the release.
+    assert body["params"] == {"epsilon": 0.2, "k": 4, "dual_cap_quantile": 0.95, "confidence": True}
     assert body["seeding"] is None and body["labeled_at_start"] == 25
     stored = session.get(Round, body["id"])
     assert (
@@ -64,7 +66,7 @@ def test_round_defaults_come_from_the_pool(
     pool = make_pool(session, default_strategy="ally", default_budget=3, default_epsilon=epsilon)
     make_items(session, blobs, pool, 5)
     body = client.post("/rounds", json={"pool_id": pool.id}, headers=admin).json()
-    assert (body["strategy"], body["budget"], body["params"]) == ("ally", 3, {"epsilon": epsilon})
+    assert (body["strategy"], body["budget"], body["params"]["epsilon"]) == ("ally", 3, epsilon)
 
 
 def test_the_pools_epsilon_goes_to_ally_rounds_only(
@@ -73,7 +75,7 @@ def test_the_pools_epsilon_goes_to_ally_rounds_only(
     pool = make_pool(session, default_strategy="coreset", default_budget=3, default_epsilon=0.5)
     make_items(session, blobs, pool, 5)
     body = client.post("/rounds", json={"pool_id": pool.id}, headers=admin).json()
-    assert (body["strategy"], body["params"]) == ("coreset", {})
+    assert (body["strategy"], body["params"]) == ("coreset", {"candidates": 4096})
 
 
 @pytest.mark.parametrize(
@@ -96,7 +98,9 @@ def test_each_strategy_takes_its_own_params(
         headers=admin,
     )
     assert response.status_code == 202, response.text
-    assert response.json()["params"] == params
+    stored = response.json()["params"]
+    assert {key: stored[key] for key in params} == params
+    assert set(stored) == set(PARAMS[strategy].model_fields)  # the defaults too
 
 
 @pytest.mark.parametrize(

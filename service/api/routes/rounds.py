@@ -42,8 +42,14 @@ def round_public(round_: Round) -> RoundPublic:
     return RoundPublic(**round_.model_dump(), percent=round(100 * round_.progress, 1))
 
 
-def strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
-    """`params` checked against what `strategy` accepts; the error lists the valid keys."""
+def strategy_params(
+    strategy: str, params: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every parameter of `strategy`: those in `params` (checked against what the strategy
+    accepts; the error lists the valid keys), else `defaults`, else the strategy's own.
+
+    All are stored with the round, so it runs and reports the same setting even when a
+    later release changes a default."""
     try:
         checked = PARAMS[strategy].model_validate(params)
     except ValidationError as e:
@@ -54,7 +60,8 @@ def strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
             f"invalid params for strategy {strategy!r} ({problems}); "
             f"it accepts: {accepted_params(strategy)}"
         ) from None
-    return checked.model_dump(exclude_unset=True)
+    unset = {k: v for k, v in (defaults or {}).items() if k not in checked.model_fields_set}
+    return {**checked.model_dump(), **unset}
 
 
 @router.post(
@@ -93,9 +100,12 @@ def create_round(
             f"strategy {strategy!r} works on classification pools only "
             f"({', '.join(sorted(CLASSIFICATION_ONLY))}); pool {pool.id} is a {pool.task} pool"
         )
-    params = strategy_params(strategy, body.params)
-    if strategy == "ally" and pool.default_epsilon is not None:
-        params.setdefault("epsilon", pool.default_epsilon)
+    pool_defaults = (
+        {"epsilon": pool.default_epsilon}
+        if strategy == "ally" and pool.default_epsilon is not None
+        else {}
+    )
+    params = strategy_params(strategy, body.params, pool_defaults)
     active = session.exec(
         select(Round.id).where(
             Round.pool_id == pool.id, col(Round.status).in_(ACTIVE_ROUND_STATUSES)
