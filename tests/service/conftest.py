@@ -2,7 +2,6 @@
 test inside a transaction that is rolled back at the end (the handlers' commits only
 release savepoints)."""
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, make_url, text
-from sqlalchemy.exc import ProgrammingError
 from sqlmodel import Session
 
 from service.api.deps import get_blobs, get_db
@@ -22,6 +20,7 @@ from service.blobs import FileBlobStore
 from service.db import make_engine, migrate
 from service.models import Role
 from service.settings import settings
+from tests.databases import own_database
 
 PG_DATABASE = "ally_test_service"
 
@@ -43,17 +42,7 @@ def _sqlite_engine(url: str) -> Engine:
 
 def _postgres_engine(server_url: str) -> Engine:
     """An engine on our own database, created if absent, so other suites never see our rows."""
-    admin = make_engine(server_url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        exists = connection.execute(
-            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": PG_DATABASE}
-        ).first()
-        if not exists:
-            # Another test process may create it first.
-            with contextlib.suppress(ProgrammingError):
-                connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    admin.dispose()
-    return make_engine(make_url(server_url).set(database=PG_DATABASE).render_as_string(False))
+    return make_engine(own_database(server_url, PG_DATABASE))
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

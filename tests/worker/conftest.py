@@ -5,17 +5,16 @@ roll back; instead every test starts on empty tables: a fresh SQLite file in a t
 ALLY_DATA_DIR, or the worker tests' own PostgreSQL database truncated before the test runs.
 """
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, make_url, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy import Engine, text
 from sqlmodel import SQLModel
 
 from service.db import get_engine, make_engine, migrate
 from service.settings import settings
+from tests.databases import own_database
 
 PG_DATABASE = "ally_test_worker"
 
@@ -23,16 +22,7 @@ PG_DATABASE = "ally_test_worker"
 @pytest.fixture(scope="session")
 def worker_postgres_url(postgres_url: str) -> str:
     """A migrated database of our own, so other suites never see the worker tests' rows."""
-    admin = make_engine(postgres_url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        exists = connection.execute(
-            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": PG_DATABASE}
-        ).first()
-        if not exists:
-            with contextlib.suppress(ProgrammingError):  # another test process was first
-                connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    admin.dispose()
-    url = make_url(postgres_url).set(database=PG_DATABASE).render_as_string(False)
+    url = own_database(postgres_url, PG_DATABASE)
     engine = make_engine(url)
     migrate(engine)
     engine.dispose()
