@@ -7,6 +7,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, true
@@ -66,63 +67,66 @@ def key_pools(session: Session, keys: Sequence[ApiKey]) -> list[list[int] | None
     return [restricted.get(key.id, []) if key.restricted else None for key in keys]
 
 
-# A key's pools are stored with the key and never change (to change them, create a new key
-# and revoke the old one), so each process reads them once per key: the hot routes then pay
-# nothing for unrestricted keys. Keyed by the key's hash, which no other key ever shares.
-_pools_by_key_hash: dict[str, frozenset[int]] = {}
-_MAX_CACHED_KEYS = 100_000
+@dataclass(frozen=True)
+class Caller:
+    """Who sends a request: a live key, with the pools it may see (None: every pool).
+
+    A key's pools are fixed when it is created (to change them, create a new key and revoke
+    the old one), so they are read with the key and remembered with it.
+    """
+
+    id: int
+    name: str
+    role: Role
+    pools: frozenset[int] | None
 
 
-def restricted_pools(session: Session, key: ApiKey) -> frozenset[int] | None:
-    """The pools a restricted key may see (possibly none); None: every pool."""
-    if not key.restricted or key.role == Role.admin:
-        return None
-    pools = _pools_by_key_hash.get(key.key_hash)
-    if pools is None:
-        pool_ids = session.exec(select(ApiKeyPool.pool_id).where(ApiKeyPool.key_id == key.id))
-        pools = frozenset(pool_ids)
-        if len(_pools_by_key_hash) >= _MAX_CACHED_KEYS:
-            _pools_by_key_hash.clear()
-        _pools_by_key_hash[key.key_hash] = pools
-    return pools
-
-
-def sees_pool(session: Session, key: ApiKey, pool_id: ColumnElement[int]) -> ColumnElement[bool]:
-    """SQL: `key` may see the rows of the pool in `pool_id`.
+def sees_pool(caller: Caller, pool_id: ColumnElement[int]) -> ColumnElement[bool]:
+    """SQL: `caller` may see the rows of the pool in `pool_id`.
 
     Routes add it to the query that loads the object, so another pool's object looks exactly
-    like one that does not exist; past a key's first request it costs no round trip.
+    like one that does not exist.
     """
-    pools = restricted_pools(session, key)
-    return true() if pools is None else pool_id.in_(sorted(pools))
+    return true() if caller.pools is None else pool_id.in_(sorted(caller.pools))
 
 
 class PoolScoped:
-    """A statement built once, in two forms: for keys that see every pool, and with `sees_pool`
-    for restricted keys, the key's pools bound as the parameter `pools`. For the hot routes,
-    where building a statement costs more than running it."""
+    """A statement built once, in two forms: for callers that see every pool, and with
+    `sees_pool` for restricted ones, their pools bound as the parameter `pools`. For the hot
+    routes, where building a statement costs more than running it."""
 
     def __init__(self, statement: Select[Any], pool_id: ColumnElement[int]) -> None:
         self.every_pool = statement
         self.in_pools = statement.where(pool_id.in_(bindparam("pools", expanding=True)))
 
-    def for_key(self, session: Session, key: ApiKey) -> tuple[Select[Any], dict[str, Any]]:
-        """The form for `key`, and the parameters it needs."""
-        pools = restricted_pools(session, key)
-        if pools is None:
+    def for_caller(self, caller: Caller) -> tuple[Select[Any], dict[str, Any]]:
+        """The form for `caller`, and the parameters it needs."""
+        if caller.pools is None:
             return self.every_pool, {}
-        return self.in_pools, {"pools": sorted(pools)}
+        return self.in_pools, {"pools": sorted(caller.pools)}
 
 
-def find_key(session: Session, key: str) -> ApiKey | None:
-    """The live (not revoked) key row for `key`, in one indexed lookup."""
+def find_key(session: Session, key: str) -> Caller | None:
+    """The live (not revoked) key `key`, with its pools, in one indexed lookup."""
     return _find_hashed(session, hash_key(key))
 
 
-def _find_hashed(session: Session, key_hash: str) -> ApiKey | None:
-    return session.exec(
-        select(ApiKey).where(ApiKey.key_hash == key_hash, col(ApiKey.revoked_at).is_(None))
-    ).first()
+# The key with each of its pools (or with None, when it has none), by hash.
+_LIVE_KEY = (
+    select(ApiKey.id, ApiKey.name, ApiKey.role, ApiKey.restricted, ApiKeyPool.pool_id)
+    .outerjoin(ApiKeyPool, col(ApiKeyPool.key_id) == col(ApiKey.id))
+    .where(ApiKey.key_hash == bindparam("key_hash"), col(ApiKey.revoked_at).is_(None))
+)
+
+
+def _find_hashed(session: Session, key_hash: str) -> Caller | None:
+    rows = session.connection().execute(_LIVE_KEY, {"key_hash": key_hash}).all()
+    if not rows:
+        return None
+    key_id, name, role, restricted, _ = rows[0]
+    # Fails closed: a restricted key whose pool rows are lost sees no pool, not every pool.
+    pools = frozenset(r.pool_id for r in rows if r.pool_id is not None) if restricted else None
+    return Caller(key_id, name, Role(role), None if role == Role.admin else pools)
 
 
 class LiveKeys:
@@ -136,31 +140,29 @@ class LiveKeys:
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.clock = clock
-        self._keys: dict[str, tuple[float, ApiKey]] = {}
+        self._keys: dict[str, tuple[float, Caller]] = {}
 
-    def remembered(self, key: str) -> ApiKey | None:
-        """The key row if `key` was found live less than `ttl` seconds ago (no database)."""
+    def remembered(self, key: str) -> Caller | None:
+        """The caller if `key` was found live less than `ttl` seconds ago (no database)."""
         remembered = self._keys.get(hash_key(key))
         if remembered is None or remembered[0] <= self.clock():
             return None
         return remembered[1]
 
-    def find(self, session: Session, key: str) -> ApiKey | None:
-        """The live key row for `key`: remembered, else looked up (and remembered)."""
+    def find(self, session: Session, key: str) -> Caller | None:
+        """The caller with `key`: remembered, else looked up (and remembered)."""
         key_hash = hash_key(key)
         remembered = self._keys.get(key_hash)
         if remembered is not None and remembered[0] > self.clock():
             return remembered[1]
         # Counted from before the look-up, so no answer outlives a revocation by over `ttl`.
         expires = self.clock() + self.ttl
-        row = _find_hashed(session, key_hash)
-        if row is None:
+        caller = _find_hashed(session, key_hash)
+        if caller is None:
             self._keys.pop(key_hash, None)
             return None
-        # A copy outside any session: requests on other threads read it at the same time.
-        live = ApiKey(**row.model_dump())
-        self._keys[key_hash] = (expires, live)
-        return live
+        self._keys[key_hash] = (expires, caller)
+        return caller
 
     def forget(self, key_hash: str) -> None:
         self._keys.pop(key_hash, None)

@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import Row, distinct, func
 from sqlmodel import Session, col, select
 
-from service.auth import sees_pool
+from service.auth import Caller, sees_pool
 from service.errors import ItemNotFound, PoolNotFound, RoundNotFound, ShapeMismatch
-from service.models import ApiKey, Item, Label, Pool, Round, Split
+from service.models import Item, Label, Pool, Round, Split
 
 
 def get_pool(session: Session, pool_id: int) -> Pool:
@@ -19,10 +19,10 @@ def get_pool(session: Session, pool_id: int) -> Pool:
     return pool
 
 
-def get_item(session: Session, item_id: int, *, seen_by: ApiKey) -> Item:
+def get_item(session: Session, item_id: int, *, seen_by: Caller) -> Item:
     """The item, if it exists and `seen_by` may see its pool (else the same 404)."""
     item = session.exec(
-        select(Item).where(Item.id == item_id, sees_pool(session, seen_by, col(Item.pool_id)))
+        select(Item).where(Item.id == item_id, sees_pool(seen_by, col(Item.pool_id)))
     ).first()
     if item is None:
         raise ItemNotFound(f"no item {item_id}")

@@ -1,6 +1,6 @@
 """Request-scoped dependencies: the session (one transaction), the blob store, the caller."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated
 
 from anyio import CapacityLimiter
@@ -10,11 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from service.auth import live_keys
+from service.api.group_commit import GroupCommit
+from service.auth import Caller, live_keys
 from service.blobs import BlobStore, FileBlobStore
 from service.db import get_engine
-from service.errors import Forbidden, NotAuthenticated
-from service.models import ApiKey, Role
+from service.errors import Forbidden, NotAuthenticated, ServiceError
+from service.labels import LabelRequest, store_labels
+from service.models import Role
+from service.schemas import LabelsCreated
 from service.settings import settings
 
 
@@ -62,6 +65,27 @@ def _sessions() -> CapacityLimiter:
         return limiter
 
 
+LabelWriter = GroupCommit[LabelRequest, LabelsCreated]
+_label_writer: RunVar[LabelWriter] = RunVar("label_writer")
+
+
+def _store_labels(requests: Sequence[LabelRequest]) -> list[LabelsCreated | ServiceError]:
+    with get_engine().connect() as connection:
+        answers = store_labels(connection, requests)
+        connection.commit()
+    return answers
+
+
+async def get_label_writer() -> LabelWriter:
+    """This process's writer of labels: concurrent POST /labels share its transactions."""
+    try:
+        return _label_writer.get()
+    except LookupError:
+        writer = LabelWriter(_store_labels)
+        _label_writer.set(writer)
+        return writer
+
+
 def get_blobs() -> BlobStore:
     return FileBlobStore(settings.blob_dir)
 
@@ -70,6 +94,7 @@ def get_blobs() -> BlobStore:
 # (a 503 when the connection was lost) rather than a success the client was already told about.
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+LabelWriterDep = Annotated[LabelWriter, Depends(get_label_writer)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ally_...`")
 
@@ -77,7 +102,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 async def current_key(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiKey:
+) -> Caller:
     """The caller's API key; 401 without a valid one.
 
     A key found live within the last `key_cache_seconds` needs neither the database nor a
@@ -94,16 +119,16 @@ async def current_key(
 
 
 # Async because they do no I/O: FastAPI runs a sync dependency on a worker thread.
-async def require_admin(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+async def require_admin(key: Annotated[Caller, Depends(current_key)]) -> Caller:
     if key.role != Role.admin:
         raise Forbidden(f"this needs an admin key; key {key.name!r} is an {key.role} key")
     return key
 
 
-async def require_annotator(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+async def require_annotator(key: Annotated[Caller, Depends(current_key)]) -> Caller:
     """Annotators and admins (admins may do everything annotators do)."""
     return key
 
 
-AdminDep = Annotated[ApiKey, Depends(require_admin)]
-AnnotatorDep = Annotated[ApiKey, Depends(require_annotator)]
+AdminDep = Annotated[Caller, Depends(require_admin)]
+AnnotatorDep = Annotated[Caller, Depends(require_annotator)]

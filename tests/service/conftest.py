@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, make_url, text
 from sqlmodel import Session
 
-from service.api.deps import get_blobs, get_db
+from service.api.deps import LabelWriter, get_blobs, get_db, get_label_writer
 from service.app import create_app
 from service.auth import create_key
 from service.blobs import FileBlobStore
 from service.db import make_engine, migrate
+from service.labels import LabelRequest, store_labels
 from service.models import Role
 from service.settings import settings
 from tests.databases import own_database
@@ -123,7 +124,19 @@ def app(session: Session, blobs: FileBlobStore) -> FastAPI:
             session.rollback()
             raise
 
+    def store_in_test_session(requests: list[LabelRequest]) -> list[Any]:
+        # Like the label writer's own transaction, on the test's session.
+        session.commit()
+        try:
+            answers = store_labels(session.connection(), requests)
+            session.commit()
+        except Exception:
+            session.rollback()
+            raise
+        return answers
+
     app.dependency_overrides[get_db] = test_db
+    app.dependency_overrides[get_label_writer] = lambda: LabelWriter(store_in_test_session)
     app.dependency_overrides[get_blobs] = lambda: blobs
     return app
 

@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from service import cli
-from service.auth import find_key, key_pools
+from service.auth import find_key
 from service.db import get_engine, migrate
 from service.models import ApiKey, Item, Label, Pool, Split
 from service.settings import settings
@@ -75,7 +75,7 @@ def test_keys_create_restricts_an_annotator_to_pools(data_dir: Path) -> None:
     key = created.stdout.strip().splitlines()[0]
     with Session(get_engine()) as session:
         row = find_key(session, key)
-        assert row is not None and key_pools(session, [row]) == [[first, second]]
+        assert row is not None and row.pools == {first, second}
     listed = runner.invoke(app, ["keys", "list"]).stdout
     assert f"bo\t{key[:11]}...\tpools {first},{second}\tactive" in listed
 

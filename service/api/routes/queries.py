@@ -109,7 +109,7 @@ def read_queries(
     # Core rather than ORM execution: these are plain rows, and the ORM's row handling
     # costs more than the query.
     connection = session.connection()
-    statement, access = _ROUND.for_key(session, key)
+    statement, access = _ROUND.for_caller(key)
     found = connection.execute(statement, {"round_id": round_id, **access}).first()
     if found is None:
         raise RoundNotFound(f"no round {round_id}")

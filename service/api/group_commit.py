@@ -1,0 +1,72 @@
+"""Group commit: the requests that arrive while one transaction is under way share the next.
+
+Under load a commit then serves many requests (one trip to a worker thread, one connection,
+a few statements and one COMMIT for all of them); a lone request is written at once.
+"""
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+from anyio import to_thread
+
+Request = TypeVar("Request")
+Answer = TypeVar("Answer")
+
+# write(requests) -> each request's answer, or the exception that refuses it alone.
+Write = Callable[[Sequence[Request]], Sequence[Answer | Exception]]
+
+
+_N = _B = 0
+
+
+class GroupCommit(Generic[Request, Answer]):
+    """Runs `write` on a worker thread for the requests waiting, one batch at a time.
+
+    `write` commits (or rolls back) its own transaction. An exception it raises fails every
+    request of its batch; one it returns in a request's place fails that request alone.
+    """
+
+    def __init__(self, write: Write[Request, Answer], most: int = 1000) -> None:
+        self.write = write
+        self.most = most  # requests per batch
+        self._waiting: list[tuple[Request, asyncio.Future[Answer]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, request: Request) -> Answer:
+        """The request's answer once its batch is committed; its exception if refused."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_while_waiting())
+        return await future
+
+    async def _write_while_waiting(self) -> None:
+        batch: list[tuple[Request, asyncio.Future[Answer]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
+                global _N, _B
+                _N += len(batch)
+                _B += 1
+                if _B % 500 == 0:
+                    import sys
+
+                    print("BATCH", _N / _B, file=sys.stderr, flush=True)
+                try:
+                    answers = await to_thread.run_sync(self.write, [r for r, _ in batch])
+                except Exception as error:
+                    answers = [error] * len(batch)
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if future.done():  # the client went away; the batch is stored anyway
+                        continue
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
+        finally:
+            self._writer = None
+            # Cancelled (the server is stopping): nobody waits for an answer that never comes.
+            for _, future in batch + self._waiting:
+                future.cancel()
+            self._waiting = []
