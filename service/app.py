@@ -1,7 +1,8 @@
 """The FastAPI application: `uvicorn service.app:app` (or `ally serve`)."""
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI
@@ -10,10 +11,12 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
+from service.api.deps import label_writer
 from service.api.limits import BodyLimit
 from service.api.routes import curves, health, items, keys, labels, pools, queries, rounds
-from service.db import migrate
+from service.db import make_async_engine, migrate
 from service.errors import database_error_handler, http_error_handler, validation_error_handler
+from service.page_cache import PageCache, RoundFeed
 from service.schemas import ImportRequest, VectorItemsCreate
 from service.settings import settings
 
@@ -27,9 +30,22 @@ and post labels. Authenticate with `Authorization: Bearer <key>` (keys come from
 
 
 @asynccontextmanager
-async def _migrate_on_startup(app: FastAPI) -> AsyncIterator[None]:
+async def _startup(app: FastAPI) -> AsyncIterator[None]:
     migrate()
-    yield
+    engine = make_async_engine(settings.database)
+    app.state.label_writer = label_writer(engine)
+    # Keep GET /queries pages while PostgreSQL tells which rounds change (page_cache.py).
+    feed = None
+    if engine.dialect.name == "postgresql":
+        feed = asyncio.create_task(RoundFeed(settings.database, app.state.pages).run())
+    try:
+        yield
+    finally:
+        if feed is not None:
+            feed.cancel()
+            with suppress(asyncio.CancelledError):
+                await feed
+        await engine.dispose()
 
 
 # Bodies read by content type (service/api/payloads.py): the routes refer to these schemas
@@ -54,18 +70,21 @@ def _openapi_with_extra_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def create_app(*, migrate_on_startup: bool = True) -> FastAPI:
+def create_app(*, startup: bool = True) -> FastAPI:
+    """The app; `startup`: as it starts, migrate the database, open the label writer's
+    connections and listen for changed rounds."""
     app = FastAPI(
         title="ALLY labeling service",
         version="0.1.0",
         description=DESCRIPTION,
-        lifespan=_migrate_on_startup if migrate_on_startup else None,
+        lifespan=_startup if startup else None,
     )
+    app.state.pages = PageCache()
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(DBAPIError, database_error_handler)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (pools, items, rounds, queries, labels, curves, keys, health):
+    for module in (queries, labels, pools, items, rounds, curves, keys, health):
         app.include_router(module.router)
     app.openapi = _openapi_with_extra_schemas(app)  # type: ignore[method-assign]
     return app

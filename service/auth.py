@@ -8,9 +8,8 @@ import secrets
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, true
+from sqlalchemy import ColumnElement, bindparam, true
 from sqlmodel import Session, col, select
 
 from service.errors import InvalidKeyScope, PoolNotFound
@@ -88,22 +87,6 @@ def sees_pool(caller: Caller, pool_id: ColumnElement[int]) -> ColumnElement[bool
     like one that does not exist.
     """
     return true() if caller.pools is None else pool_id.in_(sorted(caller.pools))
-
-
-class PoolScoped:
-    """A statement built once, in two forms: for callers that see every pool, and with
-    `sees_pool` for restricted ones, their pools bound as the parameter `pools`. For the hot
-    routes, where building a statement costs more than running it."""
-
-    def __init__(self, statement: Select[Any], pool_id: ColumnElement[int]) -> None:
-        self.every_pool = statement
-        self.in_pools = statement.where(pool_id.in_(bindparam("pools", expanding=True)))
-
-    def for_caller(self, caller: Caller) -> tuple[Select[Any], dict[str, Any]]:
-        """The form for `caller`, and the parameters it needs."""
-        if caller.pools is None:
-            return self.every_pool, {}
-        return self.in_pools, {"pools": sorted(caller.pools)}
 
 
 def find_key(session: Session, key: str) -> Caller | None:

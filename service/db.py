@@ -1,4 +1,4 @@
-"""Engine, sessions and migrations, for the API, the CLI and the workers."""
+"""Engines and migrations, for the API, the CLI and the workers."""
 
 import functools
 from pathlib import Path
@@ -8,6 +8,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import create_engine
 
 from service.settings import settings
@@ -21,18 +22,35 @@ def make_engine(url: str) -> Engine:
     """An engine for `url`; on SQLite: foreign keys on, and writers wait instead of failing."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size)
-    path = url.split(":///", 1)[-1]
+    _make_folder(url)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    event.listen(engine, "connect", _sqlite_foreign_keys)
+    return engine
+
+
+def make_async_engine(url: str, pool_size: int = 1) -> AsyncEngine:
+    """An asyncio engine for `url`, for statements run on the event loop without a thread:
+    psycopg's async mode, aiosqlite on SQLite (set up as make_engine's)."""
+    if not url.startswith("sqlite"):
+        return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size)
+    _make_folder(url)
+    engine = create_async_engine(
+        url.replace("sqlite://", "sqlite+aiosqlite://", 1), connect_args={"timeout": 30}
+    )
+    event.listen(engine.sync_engine, "connect", _sqlite_foreign_keys)
+    return engine
+
+
+def _make_folder(sqlite_url: str) -> None:
+    path = sqlite_url.split(":///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
 
-    return engine
+def _sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
 
 
 @functools.cache

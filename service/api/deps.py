@@ -5,9 +5,10 @@ from typing import Annotated
 
 from anyio import CapacityLimiter
 from anyio.lowlevel import RunVar
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 
 from service.api.group_commit import GroupCommit
@@ -66,24 +67,24 @@ def _sessions() -> CapacityLimiter:
 
 
 LabelWriter = GroupCommit[LabelRequest, LabelsCreated]
-_label_writer: RunVar[LabelWriter] = RunVar("label_writer")
 
 
-def _store_labels(requests: Sequence[LabelRequest]) -> list[LabelsCreated | ServiceError]:
-    with get_engine().connect() as connection:
-        answers = store_labels(connection, requests)
-        connection.commit()
-    return answers
+def label_writer(engine: AsyncEngine) -> LabelWriter:
+    """Concurrent POST /labels share transactions, run on the event loop: the statements
+    wait for PostgreSQL without a worker thread, so without the GIL handoffs one costs."""
+
+    async def write(requests: Sequence[LabelRequest]) -> list[LabelsCreated | ServiceError]:
+        async with engine.connect() as connection:
+            answers = await connection.run_sync(store_labels, requests)
+            await connection.commit()
+        return answers
+
+    return LabelWriter(write)
 
 
-async def get_label_writer() -> LabelWriter:
-    """This process's writer of labels: concurrent POST /labels share its transactions."""
-    try:
-        return _label_writer.get()
-    except LookupError:
-        writer = LabelWriter(_store_labels)
-        _label_writer.set(writer)
-        return writer
+async def get_label_writer(request: Request) -> LabelWriter:
+    """This process's label writer, made when the app starts."""
+    return request.app.state.label_writer  # type: ignore[no-any-return]
 
 
 def get_blobs() -> BlobStore:
@@ -118,17 +119,13 @@ async def current_key(
     return key
 
 
-# Async because they do no I/O: FastAPI runs a sync dependency on a worker thread.
+# Async because it does no I/O: FastAPI runs a sync dependency on a worker thread.
 async def require_admin(key: Annotated[Caller, Depends(current_key)]) -> Caller:
     if key.role != Role.admin:
         raise Forbidden(f"this needs an admin key; key {key.name!r} is an {key.role} key")
     return key
 
 
-async def require_annotator(key: Annotated[Caller, Depends(current_key)]) -> Caller:
-    """Annotators and admins (admins may do everything annotators do)."""
-    return key
-
-
 AdminDep = Annotated[Caller, Depends(require_admin)]
-AnnotatorDep = Annotated[Caller, Depends(require_annotator)]
+# Any live key: admins may do everything annotators do.
+AnnotatorDep = Annotated[Caller, Depends(current_key)]

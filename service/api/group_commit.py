@@ -1,27 +1,22 @@
 """Group commit: the requests that arrive while one transaction is under way share the next.
 
-Under load a commit then serves many requests (one trip to a worker thread, one connection,
-a few statements and one COMMIT for all of them); a lone request is written at once.
+Under load a commit then serves many requests (one connection, a few statements and one
+COMMIT for all of them); a lone request is written at once.
 """
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
-
-from anyio import to_thread
 
 Request = TypeVar("Request")
 Answer = TypeVar("Answer")
 
 # write(requests) -> each request's answer, or the exception that refuses it alone.
-Write = Callable[[Sequence[Request]], Sequence[Answer | Exception]]
-
-
-_N = _B = 0
+Write = Callable[[Sequence[Request]], Awaitable[Sequence[Answer | Exception]]]
 
 
 class GroupCommit(Generic[Request, Answer]):
-    """Runs `write` on a worker thread for the requests waiting, one batch at a time.
+    """Awaits `write` for the requests waiting, one batch at a time.
 
     `write` commits (or rolls back) its own transaction. An exception it raises fails every
     request of its batch; one it returns in a request's place fails that request alone.
@@ -46,15 +41,8 @@ class GroupCommit(Generic[Request, Answer]):
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
-                global _N, _B
-                _N += len(batch)
-                _B += 1
-                if _B % 500 == 0:
-                    import sys
-
-                    print("BATCH", _N / _B, file=sys.stderr, flush=True)
                 try:
-                    answers = await to_thread.run_sync(self.write, [r for r, _ in batch])
+                    answers = await self.write([request for request, _ in batch])
                 except Exception as error:
                     answers = [error] * len(batch)
                 for (_, future), answer in zip(batch, answers, strict=True):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, make_url, text
@@ -111,7 +112,7 @@ def blobs(tmp_path: Any) -> FileBlobStore:
 
 @pytest.fixture
 def app(session: Session, blobs: FileBlobStore) -> FastAPI:
-    app = create_app(migrate_on_startup=False)
+    app = create_app(startup=False)
 
     def test_db() -> Iterator[Session]:
         # Like get_db, on the test's session: what the test set up counts as committed, the
@@ -136,7 +137,11 @@ def app(session: Session, blobs: FileBlobStore) -> FastAPI:
         return answers
 
     app.dependency_overrides[get_db] = test_db
-    app.dependency_overrides[get_label_writer] = lambda: LabelWriter(store_in_test_session)
+
+    async def write(requests: list[LabelRequest]) -> list[Any]:
+        return await to_thread.run_sync(store_in_test_session, requests)
+
+    app.dependency_overrides[get_label_writer] = lambda: LabelWriter(write)
     app.dependency_overrides[get_blobs] = lambda: blobs
     return app
 

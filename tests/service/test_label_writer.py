@@ -1,15 +1,12 @@
 """Labels of many requests written together (service.labels.store_labels, and the group
 commit behind POST /labels): each request is answered, or refused, as if it came alone."""
 
-from collections.abc import Iterator
-
 import anyio
 import httpx
 import pytest
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from service.api import deps
 from service.api.deps import get_blobs
 from service.app import create_app
 from service.auth import Caller, create_key
@@ -19,6 +16,7 @@ from service.errors import InvalidLabel, ItemNotFound
 from service.labels import LabelRequest, store_labels
 from service.models import Item, Label, Role
 from service.schemas import LabelCreate, LabelsCreated
+from service.settings import settings
 from tests.service.factories import make_items, make_pool, make_round
 
 ALICE = Caller(1, "alice", Role.annotator, None)
@@ -112,25 +110,26 @@ def test_a_restricted_key_finds_no_item_of_another_pool_while_others_do(
 
 
 @pytest.fixture
-def writer_engine(empty_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
-    """A database of the test's own that the label writer commits to, as in production."""
+def served_database(empty_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """A database of the test's own, as the database of the app the test serves."""
+    url = empty_engine.url.render_as_string(hide_password=False)
+    monkeypatch.setattr(settings, "database_url", url)
     migrate(empty_engine)
-    monkeypatch.setattr(deps, "get_engine", lambda: empty_engine)
-    yield empty_engine
+    return empty_engine
 
 
 @pytest.mark.anyio
 async def test_concurrent_posts_through_the_group_commit_are_each_answered_and_stored(
-    writer_engine: Engine, blobs: FileBlobStore
+    served_database: Engine, blobs: FileBlobStore
 ) -> None:
-    with Session(writer_engine) as session:
+    with Session(served_database) as session:
         pool = make_pool(session)
         items = make_items(session, blobs, pool, 24)
         round_id = make_round(session, pool, queried=items).id
         _, key = create_key(session, name="alice", role=Role.annotator)
         session.commit()
         item_ids = [item.id for item in items]
-    app = create_app(migrate_on_startup=False)  # get_db and the writer as in production
+    app = create_app()  # sessions and the label writer as in production
     app.dependency_overrides[get_blobs] = lambda: blobs
     # Every fourth request names a class the pool does not have.
     bodies = [
@@ -139,9 +138,12 @@ async def test_concurrent_posts_through_the_group_commit_are_each_answered_and_s
     ]
     answers: dict[int, httpx.Response] = {}
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {key}"}
-    ) as client:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {key}"}
+        ) as client,
+    ):
 
         async def post(n: int) -> None:
             answers[n] = await client.post("/labels", json=bodies[n])
@@ -162,7 +164,7 @@ async def test_concurrent_posts_through_the_group_commit_are_each_answered_and_s
             )
         else:
             assert response.status_code == 400 and response.json()["error"] == "InvalidLabel"
-    with Session(writer_engine) as session:
+    with Session(served_database) as session:
         rows = session.exec(select(Label.id, Label.item_id, Label.value_class)).all()
     assert sorted(rows) == sorted(
         (answers[n].json()["data"][0]["id"], bodies[n]["item_id"], bodies[n]["value"])

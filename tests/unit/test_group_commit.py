@@ -11,7 +11,8 @@ from service.api.group_commit import GroupCommit
 
 class Recorder:
     """A write that records its batches, answers each request with its double, refuses odd
-    requests alone and fails a whole batch holding 13; it waits for `release` when told."""
+    requests alone and fails a whole batch holding 13; it waits for `release` when told
+    (on a thread of its own, as the event loop goes on)."""
 
     def __init__(self, hold: bool = False) -> None:
         self.batches: list[list[int]] = []
@@ -20,7 +21,10 @@ class Recorder:
         if not hold:
             self.release.set()
 
-    def __call__(self, requests: Sequence[int]) -> list[int | Exception]:
+    async def __call__(self, requests: Sequence[int]) -> list[int | Exception]:
+        return await asyncio.to_thread(self.write, requests)
+
+    def write(self, requests: Sequence[int]) -> list[int | Exception]:
         self.batches.append(list(requests))
         self.started.set()
         self.release.wait(timeout=10)

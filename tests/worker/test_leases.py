@@ -95,7 +95,7 @@ def test_cancel_through_the_api_stops_the_heartbeat(round_id: int) -> None:
     with Session(get_engine()) as session:
         _, key = create_key(session, name="root", role=Role.admin)
         session.commit()
-    client = TestClient(create_app(migrate_on_startup=False))
+    client = TestClient(create_app(startup=False))
     response = client.post(f"/rounds/{round_id}/cancel", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
     with pytest.raises(Stopped):

@@ -1,16 +1,17 @@
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi import Query as QueryParam
-from sqlalchemy import and_, bindparam, exists, func, or_, update
-from sqlmodel import col, select
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Connection, Row, and_, bindparam, exists, func, or_, update
+from sqlmodel import Session, col, select
 
 from service.api.deps import AnnotatorDep, SessionDep
-from service.api.responses import model_json
-from service.auth import PoolScoped
+from service.auth import Caller
 from service.errors import RoundNotFound, RoundNotReady, responses
 from service.models import InputKind, Label, Pool, Query, Round, RoundStatus, utcnow
+from service.page_cache import PageCache
 from service.schemas import MAX_INT, MAX_PAGE, Name, QueriesPage, RowId
 from service.settings import settings
 
@@ -19,18 +20,18 @@ router = APIRouter(tags=["queries"])
 # The statements of this hot route are built once and run with bound parameters: building
 # one per request costs more than running it.
 _labeled = exists().where(col(Label.item_id) == col(Query.item_id))
-_ROUND = PoolScoped(
+_ROUND = (
     select(
+        Round.id.label("round_id"),  # type: ignore[union-attr]
         Round.status,
         Round.pool_id,
         Pool.task,
         Pool.classes,
         Pool.input_kind,
-        select(func.count()).where(Query.round_id == Round.id).scalar_subquery(),
+        select(func.count()).where(Query.round_id == Round.id).scalar_subquery().label("count"),
     )
     .join(Pool, col(Pool.id) == col(Round.pool_id))
-    .where(Round.id == bindparam("round_id")),
-    col(Round.pool_id),
+    .where(Round.id == bindparam("round_id"))
 )
 _QUERIES = select(
     Query.item_id,
@@ -85,7 +86,7 @@ _LEASED = (
     response_model=QueriesPage,
     responses=responses(RoundNotFound, RoundNotReady),
 )
-def read_queries(
+async def read_queries(
     *,
     request: Request,
     session: SessionDep,
@@ -106,46 +107,88 @@ def read_queries(
     Without `annotator`: a page of all the round's queries. With it: up to `limit` unlabeled
     items leased to that annotator (renewing the leases it already holds).
     """
+    base_url = str(request.base_url)
+    if annotator is not None:
+        return await run_in_threadpool(
+            _leased_page, session, key, round_id, annotator, limit, base_url
+        )
+    # On PostgreSQL pages are kept until a label or a lease changes them (page_cache.py).
+    pages: PageCache = request.app.state.pages
+    wanted = (offset, limit, base_url)
+    kept = pages.get(round_id, wanted)
+    if kept is None:
+        version = pages.version()
+        kept = await run_in_threadpool(_page, session, key, round_id, offset, limit, base_url)
+        pages.put(round_id, wanted, kept, version)
+    pool_id, body = kept
+    _check_visible(key, round_id, pool_id)
+    return _json(body)
+
+
+def _page(
+    session: Session, key: Caller, round_id: int, offset: int, limit: int, base_url: str
+) -> tuple[int, bytes]:
+    """The round's pool and a page of its queries, as JSON."""
     # Core rather than ORM execution: these are plain rows, and the ORM's row handling
     # costs more than the query.
     connection = session.connection()
-    statement, access = _ROUND.for_caller(key)
-    found = connection.execute(statement, {"round_id": round_id, **access}).first()
+    found = _ready_round(connection, key, round_id)
+    rows = connection.execute(_PAGE, {"round_id": round_id, "offset": offset, "limit": limit})
+    return found.pool_id, _render(found, rows.all(), found.count, offset, limit, base_url)
+
+
+def _leased_page(
+    session: Session, key: Caller, round_id: int, annotator: str, limit: int, base_url: str
+) -> Response:
+    """Up to `limit` of the round's unlabeled queries, leased to `annotator`."""
+    connection = session.connection()
+    found = _ready_round(connection, key, round_id)
+    now = utcnow()
+    leases = {"round_id": round_id, "annotator": annotator, "now": now, "limit": limit}
+    end = now + timedelta(seconds=settings.lease_seconds)
+    connection.execute(_LEASE, {**leases, "in_round": round_id, "lease_end": end})
+    rows = connection.execute(_LEASED, leases).all()
+    return _json(_render(found, rows, len(rows), 0, limit, base_url))
+
+
+def _ready_round(connection: Connection, key: Caller, round_id: int) -> Row[Any]:
+    """The round (_ROUND's columns); 404 when `key` cannot see it, 409 when not ready."""
+    found = connection.execute(_ROUND, {"round_id": round_id}).first()
     if found is None:
         raise RoundNotFound(f"no round {round_id}")
-    status, pool_id, task, classes, input_kind, count = found
-    if status != RoundStatus.ready:
-        raise RoundNotReady(f"round {round_id} is {status}; its queries exist once it is ready")
+    _check_visible(key, round_id, found.pool_id)
+    if found.status != RoundStatus.ready:
+        raise RoundNotReady(
+            f"round {round_id} is {found.status}; its queries exist once it is ready"
+        )
+    return found
 
-    if annotator is None:
-        rows = connection.execute(
-            _PAGE, {"round_id": round_id, "offset": offset, "limit": limit}
-        ).all()
-    else:
-        now = utcnow()
-        leases = {"round_id": round_id, "annotator": annotator, "now": now, "limit": limit}
-        end = now + timedelta(seconds=settings.lease_seconds)
-        session.execute(_LEASE, {**leases, "in_round": round_id, "lease_end": end})
-        rows = connection.execute(_LEASED, leases).all()
-        count = len(rows)
-        offset = 0
 
-    base = f"{request.base_url}items/"
-    images = input_kind == InputKind.image
+def _check_visible(key: Caller, round_id: int, pool_id: int) -> None:
+    # To a key restricted to some pools, the rounds of the others do not exist.
+    if key.pools is not None and pool_id not in key.pools:
+        raise RoundNotFound(f"no round {round_id}")
+
+
+def _render(
+    found: Row[Any], rows: list[Row[Any]], count: int, offset: int, limit: int, base_url: str
+) -> bytes:
+    """The page's JSON (QueriesPage)."""
+    images = f"{base_url}items/" if found.input_kind == InputKind.image else None
     # Plain dicts, validated in one call to pydantic's core: faster than a model per row.
     page = QueriesPage.model_validate(
         {
-            "round_id": round_id,
-            "pool_id": pool_id,
-            "task": task,
-            "classes": classes,
+            "round_id": found.round_id,
+            "pool_id": found.pool_id,
+            "task": found.task,
+            "classes": found.classes,
             "data": [
                 {
                     "item_id": item_id,
                     "rank": rank,
                     "score": score,
                     "cluster": cluster,
-                    "image_url": f"{base}{item_id}/image" if images else None,
+                    "image_url": f"{images}{item_id}/image" if images else None,
                     "labeled": labeled,
                     "leased_to": leased_to,
                     "lease_until": lease_until,
@@ -157,4 +200,9 @@ def read_queries(
             "limit": limit,
         }
     )
-    return model_json(page)
+    return page.model_dump_json().encode()
+
+
+def _json(body: bytes) -> Response:
+    # The JSON of a QueriesPage already: FastAPI need not validate it once more.
+    return Response(body, media_type="application/json")

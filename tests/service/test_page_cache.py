@@ -1,0 +1,182 @@
+"""GET /queries pages kept while PostgreSQL tells which rounds change (service/page_cache.py,
+migration 0007): on a real database, with real notifications."""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, event, text, update
+from sqlmodel import Session
+
+from service.api.deps import get_blobs
+from service.app import create_app
+from service.auth import create_key, live_keys
+from service.blobs import FileBlobStore
+from service.db import get_engine, migrate
+from service.models import Item, Query, Role
+from service.page_cache import PageCache, RoundFeed
+from service.settings import settings
+from tests.service.factories import make_items, make_label, make_pool, make_round
+
+pytestmark = [
+    pytest.mark.anyio,
+    # Notifications are PostgreSQL's: on SQLite no page is kept.
+    pytest.mark.parametrize("empty_engine", ["postgresql"], indirect=True),
+]
+PAGE = (0, 50, "http://test/")
+
+
+@pytest.fixture
+def engine(empty_engine: Engine) -> Engine:
+    migrate(empty_engine)
+    return empty_engine
+
+
+def url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+async def eventually(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+@asynccontextmanager
+async def listening(engine: Engine, pages: PageCache) -> AsyncIterator[None]:
+    feed = asyncio.create_task(RoundFeed(url(engine), pages, idle_check=0.2).run())
+    try:
+        await eventually(lambda: pages.version() is not None, "listening")
+        yield
+    finally:
+        feed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await feed
+
+
+def three_rounds(engine: Engine, blobs: FileBlobStore) -> tuple[list[int], list[int]]:
+    """Three ready rounds of one item each, and a fourth item no round queried."""
+    with Session(engine) as session:
+        pool = make_pool(session)
+        items = make_items(session, blobs, pool, 4)
+        rounds = [make_round(session, pool, queried=[item]).id for item in items[:3]]
+        session.commit()
+        return rounds, [item.id for item in items]  # type: ignore[return-value, misc]
+
+
+def keep(pages: PageCache, round_ids: list[int]) -> None:
+    for round_id in round_ids:
+        pages.put(round_id, PAGE, (1, b"page"), pages.version())
+
+
+def kept(pages: PageCache, round_ids: list[int]) -> list[int]:
+    return [r for r in round_ids if pages.get(r, PAGE) is not None]
+
+
+async def test_a_label_or_a_lease_drops_the_pages_of_the_rounds_it_changed(
+    engine: Engine, blobs: FileBlobStore
+) -> None:
+    rounds, items = three_rounds(engine, blobs)
+    pages = PageCache()
+    async with listening(engine, pages):
+        keep(pages, rounds)
+        with Session(engine) as session:
+            make_label(session, session.get_one(Item, items[0]), "1", annotator="alice")
+            session.commit()
+        await eventually(lambda: kept(pages, rounds) == rounds[1:], "round 1 dropped")
+
+        with Session(engine) as session:
+            session.execute(
+                update(Query).where(Query.round_id == rounds[1]).values(leased_to="bob")
+            )
+            session.commit()
+        await eventually(lambda: kept(pages, rounds) == rounds[2:], "round 2 dropped")
+
+        # A label of an item no round queried, then one of round 3's: only the second tells.
+        with Session(engine) as session:
+            make_label(session, session.get_one(Item, items[3]), "1", annotator="alice")
+            session.commit()
+            make_label(session, session.get_one(Item, items[2]), "1", annotator="alice")
+            session.rollback()  # never committed: never told
+        await asyncio.sleep(0.5)
+        assert kept(pages, rounds) == rounds[2:]
+
+
+async def test_a_lost_connection_drops_every_page_and_keeps_none_until_listening_again(
+    engine: Engine, blobs: FileBlobStore
+) -> None:
+    rounds, _ = three_rounds(engine, blobs)
+    pages = PageCache()
+    async with listening(engine, pages):
+        keep(pages, rounds)
+        with engine.connect() as connection:
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+                )
+            )
+        await eventually(lambda: pages.version() is None, "listening stopped")
+        assert kept(pages, rounds) == []
+        await eventually(lambda: pages.version() is not None, "listening again")
+        keep(pages, rounds)
+        assert kept(pages, rounds) == rounds
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+async def test_get_queries_serves_a_kept_page_until_a_label_changes_it(
+    engine: Engine, blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "database_url", url(engine))
+    monkeypatch.setattr(live_keys, "ttl", 600)  # the key is looked up once, by the first GET
+    rounds, items = three_rounds(engine, blobs)
+    with Session(engine) as session:
+        _, key = create_key(session, name="alice", role=Role.annotator)
+        session.commit()
+    app = create_app()
+    app.dependency_overrides[get_blobs] = lambda: blobs
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {key}"}
+        ) as client,
+    ):
+        await eventually(lambda: app.state.pages.version() is not None, "listening")
+        first = await client.get(f"/queries/{rounds[0]}")
+        with statements(get_engine()) as seen:
+            again = await client.get(f"/queries/{rounds[0]}")
+        assert again.status_code == 200 and again.content == first.content
+        assert seen == []  # the kept page: no statement at all
+        assert [q["labeled"] for q in again.json()["data"]] == [False]
+
+        posted = await client.post("/labels", json={"item_id": items[0], "value": "3"})
+        assert posted.status_code == 200, posted.text
+
+        async def labeled() -> bool:
+            page = await client.get(f"/queries/{rounds[0]}")
+            return page.json()["data"][0]["labeled"]
+
+        for _ in range(250):
+            if await labeled():
+                break
+            await asyncio.sleep(0.02)
+        assert await labeled()
