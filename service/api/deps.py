@@ -1,7 +1,7 @@
 """Request-scoped dependencies: the session (one transaction), the blob store, the caller."""
 
-from collections.abc import AsyncIterator, Sequence
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Annotated, Any, TypeVar
 
 from anyio import CapacityLimiter
 from anyio.lowlevel import RunVar
@@ -20,6 +20,8 @@ from service.labels import LabelRequest, store_labels
 from service.models import Role
 from service.schemas import LabelsCreated
 from service.settings import settings
+
+Result = TypeVar("Result")
 
 
 async def get_db() -> AsyncIterator[Session]:
@@ -45,6 +47,35 @@ async def get_db() -> AsyncIterator[Session]:
 def _commit_and_close(session: Session) -> None:
     with session:
         session.commit()
+
+
+class Database:
+    """For async handlers that need the database only sometimes (a page or a key not in
+    memory): `run` takes a session only then, unlike SessionDep, which every request of a
+    handler holds from start to end."""
+
+    async def run(self, work: Callable[..., Result], *args: Any, wait_turn: bool = True) -> Result:
+        """`work(session, *args)` on a worker thread, in a transaction committed when it
+        returns, else rolled back; in turn with SessionDep's sessions unless `wait_turn` is
+        False (for work its request may run while holding a session already)."""
+        if not wait_turn:
+            return await run_in_threadpool(_in_transaction, work, *args)
+        async with _sessions():
+            return await run_in_threadpool(_in_transaction, work, *args)
+
+
+def _in_transaction(work: Callable[..., Result], *args: Any) -> Result:
+    with Session(get_engine(), expire_on_commit=False) as session:
+        result = work(session, *args)
+        session.commit()
+        return result
+
+
+async def get_database() -> Database:
+    return _database
+
+
+_database = Database()
 
 
 _session_limiter: RunVar[CapacityLimiter] = RunVar("sessions")
@@ -96,12 +127,13 @@ def get_blobs() -> BlobStore:
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 LabelWriterDep = Annotated[LabelWriter, Depends(get_label_writer)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ally_...`")
 
 
 async def current_key(
-    session: SessionDep,
+    database: DatabaseDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     """The caller's API key; 401 without a valid one.
@@ -111,8 +143,10 @@ async def current_key(
     """
     if credentials is None:
         raise NotAuthenticated("send an API key as 'Authorization: Bearer <key>'")
-    key = live_keys.remembered(credentials.credentials) or await run_in_threadpool(
-        live_keys.find, session, credentials.credentials
+    # Out of turn: the request may hold a session place already (SessionDep), and the
+    # look-up is short and rare (once per key and key_cache_seconds).
+    key = live_keys.remembered(credentials.credentials) or await database.run(
+        live_keys.find, credentials.credentials, wait_turn=False
     )
     if key is None:
         raise NotAuthenticated("unknown or revoked API key")

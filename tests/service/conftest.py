@@ -3,7 +3,7 @@ test inside a transaction that is rolled back at the end (the handlers' commits 
 release savepoints)."""
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, make_url, text
 from sqlmodel import Session
 
-from service.api.deps import LabelWriter, get_blobs, get_db, get_label_writer
+from service.api.deps import (
+    Database,
+    LabelWriter,
+    get_blobs,
+    get_database,
+    get_db,
+    get_label_writer,
+)
 from service.app import create_app
 from service.auth import create_key
 from service.blobs import FileBlobStore
@@ -125,22 +132,28 @@ def app(session: Session, blobs: FileBlobStore) -> FastAPI:
             session.rollback()
             raise
 
-    def store_in_test_session(requests: list[LabelRequest]) -> list[Any]:
-        # Like the label writer's own transaction, on the test's session.
+    def in_transaction(work: Callable[..., Any], *args: Any) -> Any:
+        # A transaction of its own (the label writer's, Database.run's), on the test's session.
         session.commit()
         try:
-            answers = store_labels(session.connection(), requests)
+            result = work(session, *args)
             session.commit()
         except Exception:
             session.rollback()
             raise
-        return answers
+        return result
 
-    app.dependency_overrides[get_db] = test_db
+    class TestDatabase(Database):
+        async def run(self, work: Callable[..., Any], *args: Any, wait_turn: bool = True) -> Any:
+            return await to_thread.run_sync(in_transaction, work, *args)
 
     async def write(requests: list[LabelRequest]) -> list[Any]:
-        return await to_thread.run_sync(store_in_test_session, requests)
+        return await to_thread.run_sync(
+            in_transaction, lambda s, r: store_labels(s.connection(), r), requests
+        )
 
+    app.dependency_overrides[get_db] = test_db
+    app.dependency_overrides[get_database] = TestDatabase
     app.dependency_overrides[get_label_writer] = lambda: LabelWriter(write)
     app.dependency_overrides[get_blobs] = lambda: blobs
     return app

@@ -18,9 +18,11 @@ from starlette.exceptions import HTTPException
 
 from service.api import deps
 from service.api.deps import SessionDep
-from service.db import make_engine, migrate
+from service.app import create_app
+from service.auth import create_key
+from service.db import get_engine, make_engine, migrate
 from service.errors import InvalidParams, http_error_handler
-from service.models import InputKind, Pool, Task
+from service.models import InputKind, Pool, Role, Task
 from service.settings import settings
 
 
@@ -120,3 +122,19 @@ async def test_many_requests_at_once_for_few_connections_all_get_through(
                     requests.start_soon(get)
     engine.dispose()
     assert statuses == [200] * 20
+
+
+def test_a_handler_holding_a_session_looks_up_a_key_not_yet_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key look-up takes no session place: its request may hold one already (admin
+    routes take their session first), and all places may be held by such requests."""
+    monkeypatch.setattr(settings, "database_url", f"sqlite:///{tmp_path / 'keys.db'}")
+    monkeypatch.setattr(settings, "db_pool_size", 1)
+    migrate()
+    with Session(get_engine()) as session:
+        _, key = create_key(session, name="root", role=Role.admin)
+        session.commit()
+    client = TestClient(create_app(startup=False))
+    response = client.get("/pools", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text

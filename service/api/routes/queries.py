@@ -3,11 +3,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi import Query as QueryParam
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, Row, and_, bindparam, exists, func, or_, update
 from sqlmodel import Session, col, select
 
-from service.api.deps import AnnotatorDep, SessionDep
+from service.api.deps import AnnotatorDep, DatabaseDep
 from service.auth import Caller
 from service.errors import RoundNotFound, RoundNotReady, responses
 from service.models import InputKind, Label, Pool, Query, Round, RoundStatus, utcnow
@@ -89,7 +88,7 @@ _LEASED = (
 async def read_queries(
     *,
     request: Request,
-    session: SessionDep,
+    database: DatabaseDep,
     key: AnnotatorDep,
     round_id: RowId,
     annotator: Annotated[
@@ -109,16 +108,14 @@ async def read_queries(
     """
     base_url = str(request.base_url)
     if annotator is not None:
-        return await run_in_threadpool(
-            _leased_page, session, key, round_id, annotator, limit, base_url
-        )
+        return await database.run(_leased_page, key, round_id, annotator, limit, base_url)
     # On PostgreSQL pages are kept until a label or a lease changes them (page_cache.py).
     pages: PageCache = request.app.state.pages
     wanted = (offset, limit, base_url)
     kept = pages.get(round_id, wanted)
     if kept is None:
         version = pages.version()
-        kept = await run_in_threadpool(_page, session, key, round_id, offset, limit, base_url)
+        kept = await database.run(_page, key, round_id, offset, limit, base_url)
         pages.put(round_id, wanted, kept, version)
     pool_id, body = kept
     _check_visible(key, round_id, pool_id)
