@@ -33,7 +33,7 @@ and post labels. Authenticate with `Authorization: Bearer <key>` (keys come from
 async def _startup(app: FastAPI) -> AsyncIterator[None]:
     migrate()
     engine = make_async_engine(settings.database)
-    app.state.label_writer = label_writer(engine)
+    app.state.label_writer = label_writer(engine, app.state.pages)
     # Keep GET /queries pages while PostgreSQL tells which rounds change (page_cache.py).
     feed = None
     if engine.dialect.name == "postgresql":

@@ -6,7 +6,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event, make_url, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import create_engine
@@ -35,7 +35,7 @@ def make_async_engine(url: str, pool_size: int = 1) -> AsyncEngine:
         return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size)
     _make_folder(url)
     engine = create_async_engine(
-        url.replace("sqlite://", "sqlite+aiosqlite://", 1), connect_args={"timeout": 30}
+        make_url(url).set(drivername="sqlite+aiosqlite"), connect_args={"timeout": 30}
     )
     event.listen(engine.sync_engine, "connect", _sqlite_foreign_keys)
     return engine

@@ -20,6 +20,15 @@ from service.schemas import LabelCreate, LabelsCreated
 from service.sql import OneOf
 
 
+@dataclass
+class Stored:
+    """What `store_labels` did: each request's answer, or the error that refused it, and the
+    rounds whose GET /queries pages the new labels changed (those that queried their items)."""
+
+    answers: list[LabelsCreated | ServiceError]
+    rounds: set[int]
+
+
 @dataclass(frozen=True)
 class LabelRequest:
     """One POST /labels: who sends it and what."""
@@ -57,9 +66,7 @@ _INSERT = insert(Label).returning(col(Label.id), sort_by_parameter_order=True)
 Wanted = tuple[int, str | float, int | None, str]
 
 
-def store_labels(
-    connection: Connection, requests: Sequence[LabelRequest]
-) -> list[LabelsCreated | ServiceError]:
+def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> Stored:
     """Each request's answer, or the error that refuses it as a whole; one refused request
     leaves the others alone. Runs three statements however many requests and labels."""
     # Core rather than the ORM: these are plain rows, and the ORM's handling of rows and
@@ -80,7 +87,7 @@ def store_labels(
             checked.append(error)
     accepted = [wanted for wanted in checked if not isinstance(wanted, ServiceError)]
     if not accepted:
-        return checked  # type: ignore[return-value]  # every entry is an error
+        return Stored(checked, set())  # type: ignore[arg-type]  # every entry is an error
 
     # Each annotator's current label of these items, to make repeats no-ops. Labels are
     # dicts shaped as LabelPublic; requests see each other's labels in arrival order.
@@ -122,12 +129,15 @@ def store_labels(
         ids = connection.execute(_INSERT, [_row(label) for label in created]).scalars().all()
         for label, label_id in zip(created, ids, strict=True):
             label["id"] = label_id
-    return [
-        answer
-        if isinstance(answer, ServiceError)
-        else LabelsCreated.model_validate({"data": answer[0], "created": answer[1]})
-        for answer in answers
-    ]
+    return Stored(
+        [
+            answer
+            if isinstance(answer, ServiceError)
+            else LabelsCreated.model_validate({"data": answer[0], "created": answer[1]})
+            for answer in answers
+        ],
+        {round_id for label in created for round_id in queried.get(label["item_id"], ())},
+    )
 
 
 def _check(

@@ -3,12 +3,12 @@
 A ready round's queries never change, but what its page says of them does: an item gets a
 label, an annotator takes a lease. Triggers (migration 0007) tell each API process, through
 LISTEN/NOTIFY, which rounds a committed transaction touched, and the process drops their
-pages. A process that is not listening (SQLite, or its connection is down) keeps no page.
+pages; its own writes drop them at once. A process that is not listening (SQLite, or its
+connection is down) keeps no page.
 """
 
 import asyncio
 import logging
-import threading
 from collections.abc import Iterable
 
 from sqlalchemy import make_url
@@ -23,13 +23,12 @@ class PageCache:
     """Rendered pages by round and by request (offset, limit, base URL).
 
     A page rendered from a read that began before a change to its round was told here is
-    never stored: `version()` is taken before the read and `put` compares. Thread-safe: the
-    listener tells changes from its own thread.
+    never stored: `version()` is taken before the read and `put` compares. For the event
+    loop's thread only (the routes and the listener run there).
     """
 
     def __init__(self, most: int = 1000) -> None:
         self.most = most  # pages kept, over all rounds
-        self._lock = threading.Lock()
         self._pages: dict[int, dict[tuple[int, int, str], tuple[int, bytes]]] = {}
         self._count = 0
         self._listening = False
@@ -45,8 +44,7 @@ class PageCache:
 
     def version(self) -> int | None:
         """To take before reading a page from the database; None: it will not be kept."""
-        with self._lock:
-            return self._clock if self._listening else None
+        return self._clock if self._listening else None
 
     def put(
         self,
@@ -56,38 +54,34 @@ class PageCache:
         version: int | None,
     ) -> None:
         """Keep `page` unless its round changed since `version` was taken."""
-        with self._lock:
-            if (
-                version is None
-                or not self._listening
-                or self._all_changed_at > version
-                or self._changed_at.get(round_id, 0) > version
-            ):
-                return
-            if request not in self._pages.get(round_id, {}):
-                if self._count >= self.most:  # rare: start afresh rather than track ages
-                    self._pages.clear()
-                    self._count = 0
-                self._count += 1
-            self._pages.setdefault(round_id, {})[request] = page
+        if (
+            version is None
+            or not self._listening
+            or self._all_changed_at > version
+            or self._changed_at.get(round_id, 0) > version
+        ):
+            return
+        if request not in self._pages.get(round_id, {}):
+            if self._count >= self.most:  # rare: start afresh rather than track ages
+                self._forget_all()
+            self._count += 1
+        self._pages.setdefault(round_id, {})[request] = page
 
     def changed(self, round_ids: Iterable[int] | None) -> None:
         """These rounds' pages changed in the database; None: any round's may have."""
-        with self._lock:
-            self._clock += 1
-            if round_ids is None:
-                self._forget_all()
-                return
-            for round_id in round_ids:
-                self._changed_at[round_id] = self._clock
-                self._count -= len(self._pages.pop(round_id, {}))
+        self._clock += 1
+        if round_ids is None:
+            self._forget_all()
+            return
+        for round_id in round_ids:
+            self._changed_at[round_id] = self._clock
+            self._count -= len(self._pages.pop(round_id, {}))
 
-    def listening(self, listening: bool) -> None:
+    def set_listening(self, listening: bool) -> None:
         """Whether changes are told: pages are kept only while they are."""
-        with self._lock:
-            self._clock += 1
-            self._forget_all()  # whatever happened while nobody listened
-            self._listening = listening
+        self._clock += 1
+        self._forget_all()  # whatever happened while nobody listened
+        self._listening = listening
 
     def _forget_all(self) -> None:
         self._all_changed_at = self._clock
@@ -97,10 +91,13 @@ class PageCache:
 
 
 def parse(payload: str) -> list[int] | None:
-    """The round ids a notification names; None: every round."""
-    if payload == EVERY_ROUND:
+    """The round ids a notification names; None: every round (also for a payload that is
+    not ours to read: dropping every page is always safe)."""
+    try:
+        return None if payload == EVERY_ROUND else [int(r) for r in payload.split(",")]
+    except ValueError:
+        log.warning("unreadable notification on %s: %r; dropping every page", CHANNEL, payload)
         return None
-    return [int(round_id) for round_id in payload.split(",")]
 
 
 class RoundFeed:
@@ -121,18 +118,21 @@ class RoundFeed:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True
+                    self.conninfo, autocommit=True, connect_timeout=10
                 ) as connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
-                    self.pages.listening(True)
+                    self.pages.set_listening(True)
                     log.info("listening for changed rounds")
                     while True:
                         async for note in connection.notifies(timeout=self.idle_check):
                             self.pages.changed(parse(note.payload))
-                        # A dead connection shows here, not in notifies().
-                        await connection.execute("SELECT 1")
-            except psycopg.Error as error:
-                log.warning("not listening for changed rounds (%s); pages are not kept", error)
+                        # A dead connection shows here, not in notifies(); a half-open one
+                        # would leave the check waiting, hence the time limit.
+                        await asyncio.wait_for(
+                            connection.execute("SELECT 1"), timeout=5 * self.idle_check
+                        )
+            except Exception as error:  # whatever it was, pages must not outlive it
+                log.warning("not listening for changed rounds (%r); pages are not kept", error)
             finally:
-                self.pages.listening(False)
+                self.pages.set_listening(False)
             await asyncio.sleep(self.idle_check)

@@ -8,6 +8,7 @@ from anyio.lowlevel import RunVar
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 
@@ -18,6 +19,7 @@ from service.db import get_engine
 from service.errors import Forbidden, NotAuthenticated, ServiceError
 from service.labels import LabelRequest, store_labels
 from service.models import Role
+from service.page_cache import PageCache
 from service.schemas import LabelsCreated
 from service.settings import settings
 
@@ -54,21 +56,23 @@ class Database:
     memory): `run` takes a session only then, unlike SessionDep, which every request of a
     handler holds from start to end."""
 
+    def __init__(self, engine: Callable[[], Engine] = lambda: get_engine()) -> None:
+        self.engine = engine
+
     async def run(self, work: Callable[..., Result], *args: Any, wait_turn: bool = True) -> Result:
         """`work(session, *args)` on a worker thread, in a transaction committed when it
         returns, else rolled back; in turn with SessionDep's sessions unless `wait_turn` is
         False (for work its request may run while holding a session already)."""
         if not wait_turn:
-            return await run_in_threadpool(_in_transaction, work, *args)
+            return await run_in_threadpool(self._in_transaction, work, *args)
         async with _sessions():
-            return await run_in_threadpool(_in_transaction, work, *args)
+            return await run_in_threadpool(self._in_transaction, work, *args)
 
-
-def _in_transaction(work: Callable[..., Result], *args: Any) -> Result:
-    with Session(get_engine(), expire_on_commit=False) as session:
-        result = work(session, *args)
-        session.commit()
-        return result
+    def _in_transaction(self, work: Callable[..., Result], *args: Any) -> Result:
+        with Session(self.engine(), expire_on_commit=False) as session:
+            result = work(session, *args)
+            session.commit()
+            return result
 
 
 async def get_database() -> Database:
@@ -100,17 +104,20 @@ def _sessions() -> CapacityLimiter:
 LabelWriter = GroupCommit[LabelRequest, LabelsCreated]
 
 
-def label_writer(engine: AsyncEngine) -> LabelWriter:
-    """Concurrent POST /labels share transactions, run on the event loop: the statements
-    wait for PostgreSQL without a worker thread, so without the GIL handoffs one costs."""
+def label_writer(engine: AsyncEngine, pages: PageCache) -> LabelWriter:
+    """Concurrent POST /labels share transactions, run on the event loop: no worker thread,
+    whose every round trip would wait for the GIL behind the busy loop. A request's new
+    labels show on this process's GET /queries pages as soon as it is answered."""
 
     async def write(requests: Sequence[LabelRequest]) -> list[LabelsCreated | ServiceError]:
         async with engine.connect() as connection:
-            answers = await connection.run_sync(store_labels, requests)
+            stored = await connection.run_sync(store_labels, requests)
             await connection.commit()
-        return answers
+        pages.changed(stored.rounds)
+        return stored.answers
 
-    return LabelWriter(write)
+    # A batch holds at most this many labels (a request with more is a batch of its own).
+    return LabelWriter(write, most=10_000, size=lambda request: len(request.inputs))
 
 
 async def get_label_writer(request: Request) -> LabelWriter:

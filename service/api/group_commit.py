@@ -22,9 +22,15 @@ class GroupCommit(Generic[Request, Answer]):
     request of its batch; one it returns in a request's place fails that request alone.
     """
 
-    def __init__(self, write: Write[Request, Answer], most: int = 1000) -> None:
+    def __init__(
+        self,
+        write: Write[Request, Answer],
+        most: int = 1000,
+        size: Callable[[Request], int] = lambda request: 1,
+    ) -> None:
         self.write = write
-        self.most = most  # requests per batch
+        self.most = most  # the size of a batch: the sum of its requests' sizes
+        self.size = size
         self._waiting: list[tuple[Request, asyncio.Future[Answer]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -40,7 +46,7 @@ class GroupCommit(Generic[Request, Answer]):
         batch: list[tuple[Request, asyncio.Future[Answer]]] = []
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
+                batch = self._next_batch()
                 try:
                     answers = await self.write([request for request, _ in batch])
                 except Exception as error:
@@ -54,7 +60,18 @@ class GroupCommit(Generic[Request, Answer]):
                         future.set_result(answer)
         finally:
             self._writer = None
-            # Cancelled (the server is stopping): nobody waits for an answer that never comes.
+            # Cancelled (the event loop is closing): none waits for an answer never to come.
             for _, future in batch + self._waiting:
                 future.cancel()
             self._waiting = []
+
+    def _next_batch(self) -> list[tuple[Request, asyncio.Future[Answer]]]:
+        """The first waiting requests, up to `most` in size (at least one, however large)."""
+        taken = total = 0
+        for request, _ in self._waiting:
+            total += self.size(request)
+            if taken and total > self.most:
+                break
+            taken += 1
+        batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        return batch

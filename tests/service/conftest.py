@@ -149,7 +149,7 @@ def app(session: Session, blobs: FileBlobStore) -> FastAPI:
 
     async def write(requests: list[LabelRequest]) -> list[Any]:
         return await to_thread.run_sync(
-            in_transaction, lambda s, r: store_labels(s.connection(), r), requests
+            in_transaction, lambda s, r: store_labels(s.connection(), r).answers, requests
         )
 
     app.dependency_overrides[get_db] = test_db

@@ -1,11 +1,15 @@
 """Plain functions that put rows in the test database, as the API or the worker would."""
 
 import io
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import httpx
 import numpy as np
+from fastapi import FastAPI
 from PIL import Image
-from sqlalchemy import func
+from sqlalchemy import Engine, event, func
 from sqlmodel import Session, SQLModel, select
 
 from service.blobs import BlobStore, FileBlobStore
@@ -164,3 +168,33 @@ def row_counts(session: Session) -> dict[str, int]:
         name: session.exec(select(func.count()).select_from(table)).one()
         for name, table in SQLModel.metadata.tables.items()
     }
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """The SQL statements run on `engine` inside the block (savepoints and rollbacks, which
+    the test transaction adds, left out)."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not statement.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@asynccontextmanager
+async def serving(app: FastAPI, key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """`app` started (its lifespan: migrations, label writer, listener) and a client with `key`."""
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {key}"}
+        ) as client,
+    ):
+        yield client

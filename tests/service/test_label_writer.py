@@ -17,7 +17,7 @@ from service.labels import LabelRequest, store_labels
 from service.models import Item, Label, Role
 from service.schemas import LabelCreate, LabelsCreated
 from service.settings import settings
-from tests.service.factories import make_items, make_pool, make_round
+from tests.service.factories import make_items, make_pool, make_round, serving
 
 ALICE = Caller(1, "alice", Role.annotator, None)
 BOB = Caller(2, "bob", Role.annotator, None)
@@ -32,10 +32,11 @@ def test_one_refused_request_leaves_the_others_of_its_batch_alone(
 ) -> None:
     pool = make_pool(session)
     items = make_items(session, blobs, pool, 3)
-    make_round(session, pool, queried=items)
+    first_round = make_round(session, pool, queried=items[:2])
+    make_round(session, pool, queried=items[2:])  # only the refused request labels its item
     before = session.exec(select(func.count()).select_from(Label)).one()
 
-    answers = store_labels(
+    stored = store_labels(
         session.connection(),
         [
             LabelRequest(ALICE, [label(items[0], "1"), label(items[1], "2")]),
@@ -43,6 +44,8 @@ def test_one_refused_request_leaves_the_others_of_its_batch_alone(
             LabelRequest(BOB, [label(items[1], "4")]),
         ],
     )
+    answers = stored.answers
+    assert stored.rounds == {first_round.id}  # the rounds whose pages the new labels change
 
     first, refused, third = answers
     assert isinstance(first, LabelsCreated) and isinstance(third, LabelsCreated)
@@ -76,7 +79,7 @@ def test_requests_of_one_batch_see_each_others_labels_in_arrival_order(
             LabelRequest(ALICE, [label(item, "1")]),
             LabelRequest(ALICE, [label(item, "2")]),
         ],
-    )
+    ).answers
 
     assert isinstance(first, LabelsCreated) and isinstance(repeat, LabelsCreated)
     assert isinstance(change, LabelsCreated)
@@ -103,7 +106,7 @@ def test_a_restricted_key_finds_no_item_of_another_pool_while_others_do(
             LabelRequest(restricted, [label(my_item, "1"), label(their_item, "1")]),
             LabelRequest(ALICE, [label(their_item, "1")]),
         ],
-    )
+    ).answers
 
     assert isinstance(refused, ItemNotFound) and refused.detail == f"no items [{their_item.id}]"
     assert isinstance(accepted, LabelsCreated) and accepted.created == 1
@@ -137,13 +140,7 @@ async def test_concurrent_posts_through_the_group_commit_are_each_answered_and_s
         for n, item_id in enumerate(item_ids)
     ]
     answers: dict[int, httpx.Response] = {}
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {key}"}
-        ) as client,
-    ):
+    async with serving(app, key) as client:
 
         async def post(n: int) -> None:
             answers[n] = await client.post("/labels", json=bodies[n])

@@ -10,7 +10,7 @@ from PIL import Image
 from sqlalchemy import Engine, create_engine
 from sqlmodel import Session
 
-from service.api.deps import get_db
+from service.api.deps import Database, get_database, get_db
 from service.models import RoundStatus, Task
 from service.settings import settings
 from tests.service.factories import make_pool, make_round, row_counts
@@ -56,6 +56,7 @@ def database_down(app) -> None:  # type: ignore[no-untyped-def]
             yield session
 
     app.dependency_overrides[get_db] = unreachable
+    app.dependency_overrides[get_database] = lambda: Database(lambda: dead)
 
 
 def test_readyz_names_a_database_that_is_down(client: TestClient, database_down: None) -> None:

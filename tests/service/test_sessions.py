@@ -3,7 +3,7 @@ transaction the other service tests run in: committed when the handler returns, 
 when it raises, never holding a connection a handler did not ask for, and never stuck
 however many requests come at once for the few connections a process has."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -24,6 +24,7 @@ from service.db import get_engine, make_engine, migrate
 from service.errors import InvalidParams, http_error_handler
 from service.models import InputKind, Pool, Role, Task
 from service.settings import settings
+from tests.service.factories import image_bytes
 
 
 @pytest.fixture
@@ -124,6 +125,7 @@ async def test_many_requests_at_once_for_few_connections_all_get_through(
     assert statuses == [200] * 20
 
 
+@pytest.mark.timeout(60)  # were the look-up to wait for the place its request holds: forever
 def test_a_handler_holding_a_session_looks_up_a_key_not_yet_remembered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,3 +140,56 @@ def test_a_handler_holding_a_session_looks_up_a_key_not_yet_remembered(
     client = TestClient(create_app(startup=False))
     response = client.get("/pools", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.anyio
+async def test_a_slow_upload_holds_no_session_place_while_its_body_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One session place, an upload whose body is still on its way: the other requests of
+    the process are served meanwhile (the body is read before the session is taken)."""
+    monkeypatch.setattr(settings, "database_url", f"sqlite:///{tmp_path / 'slow.db'}")
+    monkeypatch.setattr(settings, "data_dir", tmp_path)
+    monkeypatch.setattr(settings, "db_pool_size", 1)
+    migrate()
+    with Session(get_engine()) as session:
+        pool = Pool(name="digits", task=Task.classification, classes=["0"], input_kind="image")
+        session.add(pool)
+        _, key = create_key(session, name="root", role=Role.admin)
+        session.commit()
+        pool_id = pool.id
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    rest_may_come = anyio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield head
+        await rest_may_come.wait()
+        yield image_bytes() + f"\r\n--{boundary}--\r\n".encode()
+
+    transport = httpx.ASGITransport(app=create_app(startup=False))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {key}"}
+    ) as client:
+        uploaded: list[httpx.Response] = []
+
+        async def upload() -> None:
+            uploaded.append(
+                await client.post(
+                    f"/pools/{pool_id}/items",
+                    content=slow_body(),
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                )
+            )
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as requests:
+                requests.start_soon(upload)
+                await anyio.sleep(0.2)  # the upload is in, its body half sent
+                with anyio.fail_after(5):
+                    assert (await client.get("/pools")).status_code == 200
+                rest_may_come.set()
+    assert uploaded[0].status_code == 201, uploaded[0].text

@@ -1,35 +1,14 @@
 """The hot paths (GET /queries, POST /labels) run a fixed number of SQL statements, however
 many items they touch: no N+1."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
 from sqlmodel import Session
 
 from service.auth import create_key, live_keys
 from service.blobs import FileBlobStore
 from service.models import Role, Round
-from tests.service.factories import make_items, make_pool, make_round
-
-
-@contextmanager
-def statements(session: Session) -> Iterator[list[str]]:
-    seen: list[str] = []
-    engine = session.get_bind().engine
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if not statement.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
-            seen.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+from tests.service.factories import make_items, make_pool, make_round, statements
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +43,7 @@ def test_get_queries_runs_a_fixed_number_of_statements(
     for n in (2, 30):
         round_id, _ = round_of(n)
         session.commit()
-        with statements(session) as seen:
+        with statements(session.get_bind().engine) as seen:
             page = client.get(f"/queries/{round_id}?limit=100{annotator_param}", headers=annotator)
         assert len(page.json()["data"]) == n
         counts.append(len(seen))
@@ -79,7 +58,7 @@ def test_post_labels_runs_a_fixed_number_of_statements(
         _, item_ids = round_of(n)
         session.commit()
         batch = [{"item_id": i, "value": "3"} for i in item_ids]
-        with statements(session) as seen:
+        with statements(session.get_bind().engine) as seen:
             response = client.post("/labels", json=batch, headers=annotator)
         assert response.json()["created"] == n
         if session.get_bind().dialect.name == "sqlite":
@@ -100,7 +79,7 @@ def test_a_keys_pools_are_read_with_the_key(client: TestClient, session: Session
         session.commit()
         counts[name] = []
         for _ in range(2):
-            with statements(session) as seen:
+            with statements(session.get_bind().engine) as seen:
                 response = client.get(
                     f"/queries/{round_id}", headers={"Authorization": f"Bearer {key}"}
                 )

@@ -109,6 +109,21 @@ def test_at_most_most_requests_share_a_write() -> None:
     assert write.batches == [[0], [2, 4], [6]]
 
 
+def test_a_batch_holds_at_most_most_in_size_and_a_larger_request_alone() -> None:
+    write = Recorder(hold=True)
+
+    async def main() -> list[int]:
+        writer = GroupCommit(write, most=10, size=lambda request: request)
+        first = asyncio.ensure_future(writer.submit(0))
+        await asyncio.to_thread(write.started.wait, 10)
+        later = [asyncio.ensure_future(writer.submit(r)) for r in (4, 6, 12, 2, 2)]
+        write.release.set()
+        return await asyncio.gather(first, *later)
+
+    assert asyncio.run(main()) == [0, 8, 12, 24, 4, 4]
+    assert write.batches == [[0], [4, 6], [12], [2, 2]]
+
+
 def test_a_request_whose_client_left_does_not_stop_the_others() -> None:
     write = Recorder(hold=True)
 

@@ -9,7 +9,7 @@ SECOND = (50, 50, "http://test/")
 
 def listening_cache(most: int = 1000) -> PageCache:
     pages = PageCache(most=most)
-    pages.listening(True)
+    pages.set_listening(True)
     return pages
 
 
@@ -58,14 +58,14 @@ def test_when_listening_stops_every_page_goes_and_none_read_before_is_kept() -> 
     pages.put(1, FIRST, (7, b"one"), pages.version())
     version = pages.version()
 
-    pages.listening(False)
+    pages.set_listening(False)
 
     assert pages.get(1, FIRST) is None
     pages.put(1, SECOND, (7, b"two"), version)
     assert pages.get(1, SECOND) is None
     assert pages.version() is None
     # Listening again: whatever changed meanwhile went untold, so older reads stay out.
-    pages.listening(True)
+    pages.set_listening(True)
     pages.put(1, SECOND, (7, b"two"), version)
     assert pages.get(1, SECOND) is None
     pages.put(1, SECOND, (7, b"two"), pages.version())
@@ -88,3 +88,4 @@ def test_at_most_most_pages_are_kept() -> None:
 def test_notifications_name_rounds_or_every_round() -> None:
     assert parse("3,17,4") == [3, 17, 4]
     assert parse("*") is None
+    assert parse("") is None and parse("not ours") is None  # to be safe: every round

@@ -223,11 +223,13 @@ def _store(
 def create_items(
     *,
     request: Request,
-    session: SessionDep,
+    # In this order: the key is checked before the body is read, and the body is read (however
+    # slowly it comes) before the session takes one of the process's places.
     key: AdminDep,
+    payload: Annotated[ItemsPayload, Depends(items_payload)],
+    session: SessionDep,
     blobs: BlobsDep,
     pool_id: RowId,
-    payload: Annotated[ItemsPayload, Depends(items_payload)],
 ) -> ItemsCreated:
     """Add items: PNG/JPEG files as multipart (field `files`), or vectors as JSON.
 
@@ -260,11 +262,12 @@ def create_items(
 )
 def import_items(
     *,
-    session: SessionDep,
+    # In this order, as create_items' parameters.
     key: AdminDep,
+    payload: Annotated[ImportPayload, Depends(import_payload)],
+    session: SessionDep,
     blobs: BlobsDep,
     pool_id: RowId,
-    payload: Annotated[ImportPayload, Depends(import_payload)],
 ) -> ImportSummary:
     """Import a whole dataset: a packaged one by name (JSON), or an uploaded archive.
 

@@ -107,19 +107,21 @@ async def read_queries(
     items leased to that annotator (renewing the leases it already holds).
     """
     base_url = str(request.base_url)
-    if annotator is not None:
-        return await database.run(_leased_page, key, round_id, annotator, limit, base_url)
     # On PostgreSQL pages are kept until a label or a lease changes them (page_cache.py).
     pages: PageCache = request.app.state.pages
+    if annotator is not None:
+        leased = await database.run(_leased_page, key, round_id, annotator, limit, base_url)
+        pages.changed([round_id])  # the leases are committed: this process's pages show them
+        return leased
     wanted = (offset, limit, base_url)
     kept = pages.get(round_id, wanted)
     if kept is None:
         version = pages.version()
         kept = await database.run(_page, key, round_id, offset, limit, base_url)
         pages.put(round_id, wanted, kept, version)
-    pool_id, body = kept
-    _check_visible(key, round_id, pool_id)
-    return _json(body)
+    else:
+        _check_visible(key, round_id, pool_id=kept[0])
+    return _json(kept[1])
 
 
 def _page(
