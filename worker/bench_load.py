@@ -80,6 +80,14 @@ class Setup:
             ]
         return self.keys[group]
 
+    def disable_label_notifications(self) -> None:
+        engine = make_engine(self.database_url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(text("ALTER TABLE labels DISABLE TRIGGER labels_notify_rounds"))
+        finally:
+            engine.dispose()
+
     def labels_in_database(self) -> int:
         engine = make_engine(self.database_url)
         try:
@@ -505,6 +513,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--label", help="keep this run in the history under this name")
+    parser.add_argument(
+        "--without-label-notifications",
+        action="store_true",
+        help="disable the trigger that tells API processes which rounds new labels changed, "
+        "to measure what it costs POST /labels (kept GET /queries pages then go stale)",
+    )
     parser.add_argument("--quiet-load", type=float, default=1.0, help="start below this load")
     parser.add_argument("--max-wait", type=float, default=300, help="seconds to wait for it")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
@@ -526,6 +540,8 @@ def main() -> None:
         ) as setup,
     ):
         assert setup.service.server is not None
+        if args.without_label_notifications:
+            setup.disable_label_notifications()
         idle_after = wait_until_idle(setup.service.server.pid)
         result = run_plan(
             setup,
@@ -550,7 +566,12 @@ def main() -> None:
         "what": f"`ally serve --workers {args.workers}` (uvicorn, no broker) on PostgreSQL, "
         f"a pool of 1,797 digit images, a ready round of {args.queries} queries; "
         "GET /queries/{round} returns the first page (50 queries, with the count), "
-        "POST /labels one label each from 8 annotator keys",
+        "POST /labels one label each from 8 annotator keys"
+        + (
+            "; the label notifications' trigger disabled"
+            if args.without_label_notifications
+            else ""
+        ),
         "measured": measured,
         "commit": commit,
         "machine": {
@@ -574,6 +595,7 @@ def main() -> None:
             "warmup": args.warmup,
             "connections": args.connections,
             "threads": args.threads,
+            "label_notifications": not args.without_label_notifications,
         },
         **result,
         "labels_in_database": in_database,
