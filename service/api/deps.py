@@ -1,4 +1,5 @@
-"""Request-scoped dependencies: the session (one transaction), the blob store, the caller."""
+"""Request dependencies: the session of a sync handler (one transaction) or the Database of
+an async one, the label writer, the blob store, the caller."""
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, TypeVar
