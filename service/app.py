@@ -14,9 +14,11 @@ from starlette.exceptions import HTTPException
 from service.api.deps import label_writer
 from service.api.limits import BodyLimit
 from service.api.routes import curves, health, items, keys, labels, pools, queries, rounds
+from service.auth import live_keys
+from service.changes import ChangeFeed
 from service.db import make_async_engine, migrate
 from service.errors import database_error_handler, http_error_handler, validation_error_handler
-from service.page_cache import PageCache, RoundFeed
+from service.page_cache import PageCache
 from service.schemas import ImportRequest, VectorItemsCreate
 from service.settings import settings
 
@@ -34,10 +36,12 @@ async def _startup(app: FastAPI) -> AsyncIterator[None]:
     migrate()
     engine = make_async_engine(settings.database)
     app.state.label_writer = label_writer(engine, app.state.pages)
-    # Keep GET /queries pages while PostgreSQL tells which rounds change (page_cache.py).
+    # PostgreSQL tells which rounds change (so GET /queries pages can be kept) and which
+    # keys are revoked (refused at once, not after key_cache_seconds): changes.py.
     feed = None
     if engine.dialect.name == "postgresql":
-        feed = asyncio.create_task(RoundFeed(settings.database, app.state.pages).run())
+        changes = ChangeFeed(settings.database, app.state.pages, live_keys)
+        feed = asyncio.create_task(changes.run())
     try:
         yield
     finally:

@@ -2,21 +2,12 @@
 
 A ready round's queries never change, but what its page says of them does: an item gets a
 label, an annotator takes a lease. Triggers (migration 0007) tell each API process, through
-LISTEN/NOTIFY, which rounds a committed transaction touched, and the process drops their
-pages; its own writes drop them at once. A process that is not listening (SQLite, or its
-connection is down) keeps no page.
+LISTEN/NOTIFY (service/changes.py), which rounds a committed transaction touched, and the
+process drops their pages; its own writes drop them at once. A process that is not
+listening (SQLite, or its connection is down) keeps no page.
 """
 
-import asyncio
-import logging
 from collections.abc import Iterable
-
-from sqlalchemy import make_url
-
-log = logging.getLogger(__name__)
-
-CHANNEL = "ally_rounds"
-EVERY_ROUND = "*"  # the payload when the rounds' ids would not fit in one notification
 
 
 class PageCache:
@@ -88,51 +79,3 @@ class PageCache:
         self._changed_at.clear()
         self._pages.clear()
         self._count = 0
-
-
-def parse(payload: str) -> list[int] | None:
-    """The round ids a notification names; None: every round (also for a payload that is
-    not ours to read: dropping every page is always safe)."""
-    try:
-        return None if payload == EVERY_ROUND else [int(r) for r in payload.split(",")]
-    except ValueError:
-        log.warning("unreadable notification on %s: %r; dropping every page", CHANNEL, payload)
-        return None
-
-
-class RoundFeed:
-    """Listens for the rounds changed in a PostgreSQL database and tells `pages`, on the
-    event loop: `run()` until cancelled, reconnecting after a lost connection. `pages`
-    keeps nothing while it is not listening."""
-
-    def __init__(self, database_url: str, pages: PageCache, idle_check: float = 1.0) -> None:
-        # A libpq URL: psycopg's own, without SQLAlchemy's "+psycopg".
-        url = make_url(database_url).set(drivername="postgresql")
-        self.conninfo = url.render_as_string(hide_password=False)
-        self.pages = pages
-        self.idle_check = idle_check  # seconds between checks that the connection is alive
-
-    async def run(self) -> None:
-        import psycopg
-
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, connect_timeout=10
-                ) as connection:
-                    await connection.execute(f"LISTEN {CHANNEL}")
-                    self.pages.set_listening(True)
-                    log.info("listening for changed rounds")
-                    while True:
-                        async for note in connection.notifies(timeout=self.idle_check):
-                            self.pages.changed(parse(note.payload))
-                        # A dead connection shows here, not in notifies(); a half-open one
-                        # would leave the check waiting, hence the time limit.
-                        await asyncio.wait_for(
-                            connection.execute("SELECT 1"), timeout=5 * self.idle_check
-                        )
-            except Exception as error:  # whatever it was, pages must not outlive it
-                log.warning("not listening for changed rounds (%r); pages are not kept", error)
-            finally:
-                self.pages.set_listening(False)
-            await asyncio.sleep(self.idle_check)

@@ -1,5 +1,6 @@
-"""GET /queries pages kept while PostgreSQL tells which rounds change (service/page_cache.py,
-migration 0007): on a real database, with real notifications."""
+"""What PostgreSQL tells each API process (service/changes.py, migrations 0007 and 0008): the
+rounds whose GET /queries pages changed, the keys revoked. On a real database, with real
+notifications."""
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
@@ -11,11 +12,12 @@ from sqlmodel import Session
 
 from service.api.deps import get_blobs
 from service.app import create_app
-from service.auth import create_key, live_keys
+from service.auth import LiveKeys, create_key, live_keys, revoke_key
 from service.blobs import FileBlobStore
+from service.changes import ChangeFeed
 from service.db import get_engine, migrate
 from service.models import Item, Query, Role
-from service.page_cache import PageCache, RoundFeed
+from service.page_cache import PageCache
 from service.settings import settings
 from tests.service.factories import (
     make_items,
@@ -53,8 +55,11 @@ async def eventually(condition: Callable[[], bool], what: str, seconds: float = 
 
 
 @asynccontextmanager
-async def listening(engine: Engine, pages: PageCache) -> AsyncIterator[None]:
-    feed = asyncio.create_task(RoundFeed(url(engine), pages, idle_check=0.2).run())
+async def listening(
+    engine: Engine, pages: PageCache, keys: LiveKeys | None = None
+) -> AsyncIterator[None]:
+    changes = ChangeFeed(url(engine), pages, keys or LiveKeys(ttl=1), idle_check=0.2)
+    feed = asyncio.create_task(changes.run())
     try:
         await eventually(lambda: pages.version() is not None, "listening")
         yield
@@ -169,3 +174,18 @@ async def test_get_queries_serves_a_kept_page_until_a_label_changes_it(
         # This process's own label shows at once, not after the notification.
         page = await client.get(f"/queries/{rounds[0]}")
         assert [q["labeled"] for q in page.json()["data"]] == [True]
+
+
+async def test_a_key_revoked_elsewhere_is_forgotten_at_once(engine: Engine) -> None:
+    keys = LiveKeys(ttl=600)  # remembered for ten minutes: only the notification forgets it
+    with Session(engine) as session:
+        row, key = create_key(session, name="mallory", role=Role.annotator)
+        session.commit()
+        key_id = row.id
+        assert keys.find(session, key) is not None
+    async with listening(engine, PageCache(), keys):
+        assert keys.remembered(key) is not None
+        with Session(engine) as session:  # as another process revokes it
+            revoke_key(session, key_id)  # type: ignore[arg-type]
+            session.commit()
+        await eventually(lambda: keys.remembered(key) is None, "the revoked key forgotten")

@@ -1,7 +1,8 @@
 """service.page_cache.PageCache: a page is kept only while changes are told, and never one
 read before its round changed."""
 
-from service.page_cache import PageCache, parse
+from service.changes import parse_rounds
+from service.page_cache import PageCache
 
 FIRST = (0, 50, "http://test/")
 SECOND = (50, 50, "http://test/")
@@ -86,6 +87,6 @@ def test_at_most_most_pages_are_kept() -> None:
 
 
 def test_notifications_name_rounds_or_every_round() -> None:
-    assert parse("3,17,4") == [3, 17, 4]
-    assert parse("*") is None
-    assert parse("") is None and parse("not ours") is None  # to be safe: every round
+    assert parse_rounds("3,17,4") == [3, 17, 4]
+    assert parse_rounds("*") is None
+    assert parse_rounds("") is None and parse_rounds("not ours") is None  # safe: every round
