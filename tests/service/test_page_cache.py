@@ -84,6 +84,13 @@ def keep(pages: PageCache, round_ids: list[int]) -> None:
         pages.put(round_id, PAGE, (1, b"page"), pages.version())
 
 
+def label_item(engine: Engine, item_id: int, value: str) -> None:
+    """A label committed by another process than the one that keeps the pages."""
+    with Session(engine) as session:
+        make_label(session, session.get_one(Item, item_id), value, annotator="alice")
+        session.commit()
+
+
 def kept(pages: PageCache, round_ids: list[int]) -> list[int]:
     return [r for r in round_ids if pages.get(r, PAGE) is not None]
 
@@ -95,9 +102,7 @@ async def test_a_label_or_a_lease_drops_the_pages_of_the_rounds_it_changed(
     pages = PageCache()
     async with listening(engine, pages):
         keep(pages, rounds)
-        with Session(engine) as session:
-            make_label(session, session.get_one(Item, items[0]), "1", annotator="alice")
-            session.commit()
+        label_item(engine, items[0], "1")
         await eventually(lambda: kept(pages, rounds) == rounds[1:], "round 1 dropped")
 
         with Session(engine) as session:
@@ -108,9 +113,8 @@ async def test_a_label_or_a_lease_drops_the_pages_of_the_rounds_it_changed(
         await eventually(lambda: kept(pages, rounds) == rounds[2:], "round 2 dropped")
 
         # A label of an item no round queried, then one of round 3's: only the second tells.
+        label_item(engine, items[3], "1")
         with Session(engine) as session:
-            make_label(session, session.get_one(Item, items[3]), "1", annotator="alice")
-            session.commit()
             make_label(session, session.get_one(Item, items[2]), "1", annotator="alice")
             session.rollback()  # never committed: never told
         await asyncio.sleep(0.5)
@@ -122,9 +126,7 @@ async def test_a_label_or_a_lease_drops_the_pages_of_the_rounds_it_changed(
             connection.commit()
         await eventually(lambda: kept(pages, rounds) == [], "every page dropped")
         keep(pages, rounds)
-        with Session(engine) as session:
-            make_label(session, session.get_one(Item, items[0]), "2", annotator="alice")
-            session.commit()
+        label_item(engine, items[0], "2")
         await eventually(lambda: kept(pages, rounds) == rounds[1:], "round 1 dropped again")
 
 

@@ -7,6 +7,7 @@ from sqlalchemy import Connection, Row, and_, bindparam, exists, func, or_, upda
 from sqlmodel import Session, col, select
 
 from service.api.deps import AnnotatorDep, DatabaseDep
+from service.api.responses import json_response
 from service.auth import Caller
 from service.errors import RoundNotFound, RoundNotReady, responses
 from service.models import InputKind, Label, Pool, Query, Round, RoundStatus, utcnow
@@ -121,7 +122,7 @@ async def read_queries(
         pages.put(round_id, wanted, kept, version)
     else:
         _check_visible(key, round_id, pool_id=kept[0])
-    return _json(kept[1])
+    return json_response(kept[1])
 
 
 def _page(
@@ -147,7 +148,7 @@ def _leased_page(
     end = now + timedelta(seconds=settings.lease_seconds)
     connection.execute(_LEASE, {**leases, "in_round": round_id, "lease_end": end})
     rows = connection.execute(_LEASED, leases).all()
-    return _json(_render(found, rows, len(rows), 0, limit, base_url))
+    return json_response(_render(found, rows, len(rows), 0, limit, base_url))
 
 
 def _ready_round(connection: Connection, key: Caller, round_id: int) -> Row[Any]:
@@ -200,8 +201,3 @@ def _render(
         }
     )
     return page.model_dump_json().encode()
-
-
-def _json(body: bytes) -> Response:
-    # The JSON of a QueriesPage already: FastAPI need not validate it once more.
-    return Response(body, media_type="application/json")
