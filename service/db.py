@@ -28,11 +28,17 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def make_async_engine(url: str, pool_size: int = 1) -> AsyncEngine:
+def make_async_engine(url: str) -> AsyncEngine:
     """An asyncio engine for `url`, for statements run on the event loop without a thread:
-    psycopg's async mode, aiosqlite on SQLite (set up as make_engine's)."""
+    psycopg's async mode, aiosqlite on SQLite (set up as make_engine's).
+
+    Built for short writes that count their round trips. On PostgreSQL each statement
+    commits on its own (no BEGIN, no COMMIT: a write that must be atomic is one statement),
+    and a connection is not pinged before use: callers retry a statement that finds it lost
+    (is_disconnect). SQLite keeps its transactions, which cost no round trip.
+    """
     if not url.startswith("sqlite"):
-        return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size)
+        return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=1)
     _make_folder(url)
     engine = create_async_engine(
         make_url(url).set(drivername="sqlite+aiosqlite"), connect_args={"timeout": 30}

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert
+from sqlalchemy import Connection, Integer, Row, String, bindparam, func, insert, true
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import col, select
 
 from service.auth import Caller
@@ -44,7 +45,7 @@ _ITEMS = (  # each item with its pool, once per round that queried it
     .outerjoin(Query, col(Query.item_id) == col(Item.id))
     .where(OneOf(col(Item.id), "item_ids"))
 )
-_CURRENT = select(  # each annotator's latest label of the items
+_LABEL = (
     Label.id,
     Label.item_id,
     Label.pool_id,
@@ -53,14 +54,60 @@ _CURRENT = select(  # each annotator's latest label of the items
     Label.annotator,
     Label.round_id,
     Label.created_at,
-).where(
-    col(Label.id).in_(
-        select(func.max(Label.id))
-        .where(OneOf(col(Label.item_id), "item_ids"), OneOf(col(Label.annotator), "annotators"))
-        .group_by(col(Label.item_id), col(Label.annotator))
-    )
 )
-_INSERT = insert(Label).returning(col(Label.id), sort_by_parameter_order=True)
+# Each annotator's latest label of an item, for the (item, annotator) pairs bound as the
+# parallel lists item_ids and annotators. PostgreSQL: one descent of the (item, annotator)
+# index per pair, the only plan this form has; as a semi-join of max(id)s it may scan the
+# whole table, depending on its statistics. SQLite plans that portable form with the index.
+_PAIRS = (
+    func.unnest(
+        bindparam("item_ids", type_=ARRAY(Integer)), bindparam("annotators", type_=ARRAY(String))
+    )
+    .table_valued("item_id", "annotator")
+    .render_derived()
+)
+_LATEST = (
+    select(*_LABEL)
+    .where(col(Label.item_id) == _PAIRS.c.item_id, col(Label.annotator) == _PAIRS.c.annotator)
+    .order_by(col(Label.id).desc())
+    .limit(1)
+    .lateral()
+)
+_CURRENT = {
+    "postgresql": select(_LATEST).select_from(_PAIRS).join(_LATEST, true()),
+    "sqlite": select(*_LABEL).where(
+        col(Label.id).in_(
+            select(func.max(Label.id))
+            .where(OneOf(col(Label.item_id), "item_ids"), OneOf(col(Label.annotator), "annotators"))
+            .group_by(col(Label.item_id), col(Label.annotator))
+        )
+    ),
+}
+# New labels. PostgreSQL gets a column of values per array: one statement text whatever the
+# count (prepared once, where the rows of a VALUES list make a new text, and psycopg parses
+# a text of over 50 parameters anew each time), and one statement however many: atomic.
+_NEW_COLUMNS = (
+    "pool_id",
+    "item_id",
+    "value_class",
+    "value_number",
+    "annotator",
+    "round_id",
+    "created_at",
+)
+_NEW = (
+    func.unnest(
+        *(bindparam(name, type_=ARRAY(Label.__table__.c[name].type)) for name in _NEW_COLUMNS)
+    )
+    .table_valued(*_NEW_COLUMNS, with_ordinality="n")
+    .render_derived()
+)
+_INSERT = {
+    "postgresql": insert(Label)
+    .from_select(_NEW_COLUMNS, select(*(_NEW.c[name] for name in _NEW_COLUMNS)).order_by(_NEW.c.n))
+    .returning(col(Label.id)),
+    "sqlite": insert(Label).returning(col(Label.id), sort_by_parameter_order=True),
+}
 
 # (item id, answer, round id, annotator): one label a request asks for.
 Wanted = tuple[int, str | float, int | None, str]
@@ -91,14 +138,12 @@ def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> St
 
     # Each annotator's current label of these items, to make repeats no-ops. Labels are
     # dicts shaped as LabelPublic; requests see each other's labels in arrival order.
+    pairs = sorted({(w[0], w[3]) for wanted in accepted for w in wanted})
     current = {
         (row.item_id, row.annotator): {**row._asdict(), "value": label_value(row)}
         for row in connection.execute(
-            _CURRENT,
-            {
-                "item_ids": sorted({w[0] for wanted in accepted for w in wanted}),
-                "annotators": sorted({w[3] for wanted in accepted for w in wanted}),
-            },
+            _CURRENT[connection.dialect.name],
+            {"item_ids": [pair[0] for pair in pairs], "annotators": [pair[1] for pair in pairs]},
         )
     }
     now = utcnow()
@@ -126,8 +171,7 @@ def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> St
             results.append(label)
         answers.append((results, new))
     if created:
-        ids = connection.execute(_INSERT, [_row(label) for label in created]).scalars().all()
-        for label, label_id in zip(created, ids, strict=True):
+        for label, label_id in zip(created, _insert(connection, created), strict=True):
             label["id"] = label_id
     return Stored(
         [
@@ -186,6 +230,16 @@ def _answer(value: str | float, task: str, classes: list[str] | None, item_id: i
     if name not in classes:
         raise InvalidLabel(f"item {item_id}: {value!r} is not a class of its pool {classes}")
     return name
+
+
+def _insert(connection: Connection, labels: list[dict[str, Any]]) -> Sequence[int]:
+    """Insert `labels` (dicts shaped as LabelPublic); their new ids, in the same order."""
+    rows = [_row(label) for label in labels]
+    if connection.dialect.name != "postgresql":
+        return connection.execute(_INSERT["sqlite"], rows).scalars().all()
+    columns = {name: [row[name] for row in rows] for name in _NEW_COLUMNS}
+    # Serial ids are drawn as the rows are inserted, in the order of `labels` (ORDER BY n).
+    return sorted(connection.execute(_INSERT["postgresql"], columns).scalars())
 
 
 def _row(label: dict[str, Any]) -> dict[str, Any]:

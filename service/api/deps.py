@@ -1,6 +1,7 @@
 """Request dependencies: the session of a sync handler (one transaction) or the Database of
 an async one, the label writer, the blob store, the caller."""
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
@@ -10,13 +11,14 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 
 from service.api.group_commit import GroupCommit
 from service.auth import Caller, live_keys
 from service.blobs import BlobStore, FileBlobStore
-from service.db import get_engine
+from service.db import get_engine, is_disconnect
 from service.errors import Forbidden, NotAuthenticated, ServiceError
 from service.labels import LabelRequest, store_labels
 from service.models import Role
@@ -25,6 +27,7 @@ from service.schemas import LabelsCreated
 from service.settings import settings
 
 Result = TypeVar("Result")
+log = logging.getLogger(__name__)
 
 
 async def get_db() -> AsyncIterator[Session]:
@@ -106,14 +109,27 @@ LabelWriter = GroupCommit[LabelRequest, LabelsCreated]
 
 
 def label_writer(engine: AsyncEngine, pages: PageCache) -> LabelWriter:
-    """Concurrent POST /labels share transactions, run on the event loop: no worker thread,
+    """Concurrent POST /labels share round trips, run on the event loop: no worker thread,
     whose every round trip would wait for the GIL behind the busy loop. A request's new
-    labels show on this process's GET /queries pages as soon as it is answered."""
+    labels show on this process's GET /queries pages as soon as it is answered.
+
+    A batch is three statements (service/labels.py); on PostgreSQL, outside a transaction
+    (make_async_engine): its one INSERT keeps all of a request's labels or none.
+    """
 
     async def write(requests: Sequence[LabelRequest]) -> list[LabelsCreated | ServiceError]:
-        async with engine.connect() as connection:
-            stored = await connection.run_sync(store_labels, requests)
-            await connection.commit()
+        for attempt in (1, 2):
+            try:
+                async with engine.connect() as connection:
+                    stored = await connection.run_sync(store_labels, requests)
+                    await connection.commit()
+                break
+            except DBAPIError as error:
+                # A connection lost while idle in the pool: retry on a new one. Safe even when
+                # the lost connection had committed: a repeated label changes nothing.
+                if attempt == 2 or not is_disconnect(error):
+                    raise
+                log.warning("POST /labels: %s; writing the batch again on a new connection", error)
         pages.changed(stored.rounds)
         return stored.answers
 

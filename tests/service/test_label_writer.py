@@ -1,10 +1,14 @@
 """Labels of many requests written together (service.labels.store_labels, and the group
 commit behind POST /labels): each request is answered, or refused, as if it came alone."""
 
+from typing import Any
+
 import anyio
 import httpx
 import pytest
-from sqlalchemy import Engine, func
+from fastapi import FastAPI
+from sqlalchemy import Engine, event, func, text
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, select
 
 from service.api.deps import get_blobs
@@ -167,3 +171,157 @@ async def test_concurrent_posts_through_the_group_commit_are_each_answered_and_s
         (answers[n].json()["data"][0]["id"], bodies[n]["item_id"], bodies[n]["value"])
         for n in accepted
     )
+
+
+def _served(engine: Engine, blobs: FileBlobStore, items: int) -> tuple[FastAPI, str, list[int]]:
+    """The app, an annotator key, and `items` items a ready round queried."""
+    with Session(engine) as session:
+        pool = make_pool(session)
+        made = make_items(session, blobs, pool, items)
+        make_round(session, pool, queried=made)
+        _, key = create_key(session, name="alice", role=Role.annotator)
+        session.commit()
+        item_ids = [item.id for item in made]
+    app = create_app()
+    app.dependency_overrides[get_blobs] = lambda: blobs
+    return app, key, item_ids  # type: ignore[return-value]
+
+
+def _labels_in(engine: Engine) -> list[tuple[int, int, str]]:
+    with Session(engine) as session:
+        return list(session.exec(select(Label.id, Label.item_id, Label.value_class)).all())
+
+
+@pytest.mark.anyio
+async def test_a_request_larger_than_one_insert_statement_is_stored_whole_and_in_order(
+    served_database: Engine, blobs: FileBlobStore
+) -> None:
+    app, key, [item_id] = _served(served_database, blobs, 1)
+    # Each answer differs from the one before, so each is a new label.
+    body = [{"item_id": item_id, "value": str(n % 2)} for n in range(1_500)]
+    async with serving(app, key) as client:
+        response = await client.post("/labels", json=body)
+
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert response.json()["created"] == 1_500
+    assert [label["value"] for label in data] == [label["value"] for label in body]
+    ids = [label["id"] for label in data]
+    assert ids == sorted(ids) and len(set(ids)) == 1_500
+    assert sorted(_labels_in(served_database)) == [
+        (i, item_id, v["value"]) for i, v in zip(ids, body, strict=True)
+    ]
+
+
+# The database refuses a label "9" (a stand-in for any failure of the INSERT itself).
+REFUSE_NINES = {
+    "sqlite": [
+        """CREATE TRIGGER refuse_nines BEFORE INSERT ON labels WHEN NEW.value_class = '9'
+           BEGIN SELECT RAISE(ABORT, 'no nines'); END"""
+    ],
+    "postgresql": [
+        """CREATE FUNCTION refuse_nines() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'no nines'; END $$""",
+        """CREATE TRIGGER refuse_nines BEFORE INSERT ON labels FOR EACH ROW
+           WHEN (NEW.value_class = '9') EXECUTE FUNCTION refuse_nines()""",
+    ],
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [3, 1_500])  # within one INSERT statement, and beyond
+async def test_a_request_the_database_refuses_leaves_none_of_its_labels(
+    served_database: Engine, blobs: FileBlobStore, size: int
+) -> None:
+    app, key, [item_id, other_id] = _served(served_database, blobs, 2)
+    with served_database.begin() as connection:
+        for statement in REFUSE_NINES[served_database.dialect.name]:
+            connection.execute(text(statement))
+    body = [{"item_id": item_id, "value": str(n % 2)} for n in range(size - 1)]
+    body.append({"item_id": item_id, "value": "9"})  # refused as the last row goes in
+    async with serving(app, key) as client:
+        with pytest.raises(DBAPIError, match="no nines"):  # answered with a 500
+            await client.post("/labels", json=body)
+        accepted = await client.post("/labels", json={"item_id": other_id, "value": "1"})
+
+    assert accepted.status_code == 200, accepted.text  # the writer goes on
+    assert [(i, v) for _, i, v in _labels_in(served_database)] == [(other_id, "1")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("empty_engine", ["postgresql"], indirect=True)
+async def test_a_batch_whose_connection_the_server_dropped_is_written_on_a_new_one(
+    served_database: Engine, blobs: FileBlobStore
+) -> None:
+    app, key, item_ids = _served(served_database, blobs, 2)
+    async with serving(app, key) as client:
+        first = await client.post("/labels", json={"item_id": item_ids[0], "value": "1"})
+        # The writer's pooled connection (and every other of this database) goes away idle.
+        with served_database.connect() as connection:
+            dropped = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        second = await client.post("/labels", json={"item_id": item_ids[1], "value": "2"})
+
+    assert dropped >= 1
+    assert (first.status_code, second.status_code) == (200, 200), second.text
+    assert sorted((i, v) for _, i, v in _labels_in(served_database)) == [
+        (item_ids[0], "1"),
+        (item_ids[1], "2"),
+    ]
+
+
+@pytest.mark.parametrize("empty_engine", ["postgresql"], indirect=True)
+def test_labels_are_read_through_an_index_whatever_the_table_holds(
+    served_database: Engine, blobs: FileBlobStore
+) -> None:
+    """The writer's statements stay index look-ups on a large, analyzed labels table, where
+    a plan may well prefer scanning the whole table for a semi-join."""
+    with Session(served_database) as session:
+        pool = make_pool(session)
+        items = make_items(session, blobs, pool, 20)
+        make_round(session, pool, queried=items)
+        session.commit()
+        pool_id, item_ids = pool.id, [item.id for item in items]
+    with served_database.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO labels (pool_id, item_id, value_class, annotator, created_at) "
+                "SELECT :pool, :first + n % 20, (n % 10)::text, 'annotator-' || n / 20 % 8, "
+                "now() FROM generate_series(1, 12000) AS n"
+            ),
+            {"pool": pool_id, "first": item_ids[0]},
+        )
+        connection.execute(text("ANALYZE labels"))
+    run: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        run.append((statement, parameters))
+
+    event.listen(served_database, "before_cursor_execute", record)
+    try:
+        with Session(served_database) as session:
+            requests = [
+                LabelRequest(
+                    Caller(n, f"annotator-{n}", Role.annotator, None),
+                    [LabelCreate(item_id=item_id, value="3")],
+                )
+                for n, item_id in enumerate(item_ids[:9])
+            ]
+            answers = store_labels(session.connection(), requests).answers
+            session.commit()
+    finally:
+        event.remove(served_database, "before_cursor_execute", record)
+
+    assert all(isinstance(answer, LabelsCreated) for answer in answers)
+    reads = [(statement, parameters) for statement, parameters in run if "labels" in statement]
+    assert reads
+    with served_database.connect() as connection:
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        for statement, parameters in reads:
+            cursor.execute(f"EXPLAIN {statement}", parameters)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert "Seq Scan on labels" not in plan, f"{statement}\n{plan}"
