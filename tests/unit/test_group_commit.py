@@ -43,6 +43,24 @@ def test_a_lone_request_is_written_at_once() -> None:
     assert write.batches == [[4]]
 
 
+@pytest.mark.parametrize(("turns", "batches"), [(3, [[2, 4, 6]]), (0, [[2], [4, 6]])])
+def test_requests_a_turn_of_the_event_loop_apart_share_a_batch(
+    turns: int, batches: list[list[int]]
+) -> None:
+    write = Recorder()
+
+    async def main() -> list[int]:
+        writer = GroupCommit(write, turns=turns)
+        answers = []
+        for request in (2, 4, 6):
+            answers.append(asyncio.ensure_future(writer.submit(request)))
+            await asyncio.sleep(0)  # the next request arrives a turn later
+        return await asyncio.gather(*answers)
+
+    assert asyncio.run(main()) == [4, 8, 12]
+    assert write.batches == batches
+
+
 def test_requests_arriving_during_a_write_share_the_next_one() -> None:
     write = Recorder(hold=True)
 
