@@ -30,6 +30,16 @@ class Stored:
     rounds: set[int]
 
 
+@dataclass
+class Planned:
+    """What `plan_labels` read and decided, before anything is written: each request's
+    labels (dicts shaped as LabelPublic) and count of new ones, or the error refusing it."""
+
+    answers: list[tuple[list[dict[str, Any]], int] | ServiceError]
+    created: list[dict[str, Any]]  # the new labels, to insert in this order
+    rounds: set[int]  # the rounds that queried their items
+
+
 @dataclass(frozen=True)
 class LabelRequest:
     """One POST /labels: who sends it and what."""
@@ -45,7 +55,7 @@ _ITEMS = (  # each item with its pool, once per round that queried it
     .outerjoin(Query, col(Query.item_id) == col(Item.id))
     .where(OneOf(col(Item.id), "item_ids"))
 )
-_LABEL = (
+_LABEL_COLUMNS = (
     Label.id,
     Label.item_id,
     Label.pool_id,
@@ -67,22 +77,20 @@ _PAIRS = (
     .render_derived()
 )
 _LATEST = (
-    select(*_LABEL)
+    select(*_LABEL_COLUMNS)
     .where(col(Label.item_id) == _PAIRS.c.item_id, col(Label.annotator) == _PAIRS.c.annotator)
     .order_by(col(Label.id).desc())
     .limit(1)
     .lateral()
 )
-_CURRENT = {
-    "postgresql": select(_LATEST).select_from(_PAIRS).join(_LATEST, true()),
-    "sqlite": select(*_LABEL).where(
-        col(Label.id).in_(
-            select(func.max(Label.id))
-            .where(OneOf(col(Label.item_id), "item_ids"), OneOf(col(Label.annotator), "annotators"))
-            .group_by(col(Label.item_id), col(Label.annotator))
-        )
-    ),
-}
+_CURRENT_PG = select(_LATEST).select_from(_PAIRS).join(_LATEST, true())
+_CURRENT = select(*_LABEL_COLUMNS).where(
+    col(Label.id).in_(
+        select(func.max(Label.id))
+        .where(OneOf(col(Label.item_id), "item_ids"), OneOf(col(Label.annotator), "annotators"))
+        .group_by(col(Label.item_id), col(Label.annotator))
+    )
+)
 # New labels. PostgreSQL gets a column of values per array: one statement text whatever the
 # count (prepared once, where the rows of a VALUES list make a new text, and psycopg parses
 # a text of over 50 parameters anew each time), and one statement however many: atomic.
@@ -102,12 +110,12 @@ _NEW = (
     .table_valued(*_NEW_COLUMNS, with_ordinality="n")
     .render_derived()
 )
-_INSERT = {
-    "postgresql": insert(Label)
+_INSERT_PG = (
+    insert(Label)
     .from_select(_NEW_COLUMNS, select(*(_NEW.c[name] for name in _NEW_COLUMNS)).order_by(_NEW.c.n))
-    .returning(col(Label.id)),
-    "sqlite": insert(Label).returning(col(Label.id), sort_by_parameter_order=True),
-}
+    .returning(col(Label.id))
+)
+_INSERT = insert(Label).returning(col(Label.id), sort_by_parameter_order=True)
 
 # (item id, answer, round id, annotator): one label a request asks for.
 Wanted = tuple[int, str | float, int | None, str]
@@ -115,7 +123,13 @@ Wanted = tuple[int, str | float, int | None, str]
 
 def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> Stored:
     """Each request's answer, or the error that refuses it as a whole; one refused request
-    leaves the others alone. Runs three statements however many requests and labels."""
+    leaves the others alone. Three round trips on PostgreSQL however many requests and labels
+    (SQLite inserts row by row, in process)."""
+    return write_labels(connection, plan_labels(connection, requests))
+
+
+def plan_labels(connection: Connection, requests: Sequence[LabelRequest]) -> Planned:
+    """Read what the requests need and decide each one's labels; writes nothing."""
     # Core rather than the ORM: these are plain rows, and the ORM's handling of rows and
     # objects costs more than the queries.
     item_ids = sorted({i.item_id for request in requests for i in request.inputs})
@@ -134,18 +148,11 @@ def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> St
             checked.append(error)
     accepted = [wanted for wanted in checked if not isinstance(wanted, ServiceError)]
     if not accepted:
-        return Stored(checked, set())  # type: ignore[arg-type]  # every entry is an error
+        return Planned(checked, [], set())  # type: ignore[arg-type]  # every entry is an error
 
     # Each annotator's current label of these items, to make repeats no-ops. Labels are
     # dicts shaped as LabelPublic; requests see each other's labels in arrival order.
-    pairs = sorted({(w[0], w[3]) for wanted in accepted for w in wanted})
-    current = {
-        (row.item_id, row.annotator): {**row._asdict(), "value": label_value(row)}
-        for row in connection.execute(
-            _CURRENT[connection.dialect.name],
-            {"item_ids": [pair[0] for pair in pairs], "annotators": [pair[1] for pair in pairs]},
-        )
-    }
+    current = _current(connection, {(w[0], w[3]) for wanted in accepted for w in wanted})
     now = utcnow()
     created: list[dict[str, Any]] = []
     answers: list[tuple[list[dict[str, Any]], int] | ServiceError] = []
@@ -170,17 +177,25 @@ def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> St
                 new += 1
             results.append(label)
         answers.append((results, new))
-    if created:
-        for label, label_id in zip(created, _insert(connection, created), strict=True):
+    rounds = {round_id for label in created for round_id in queried.get(label["item_id"], ())}
+    return Planned(answers, created, rounds)
+
+
+def write_labels(connection: Connection, planned: Planned) -> Stored:
+    """Insert the planned labels and answer each request."""
+    # On the label writer's connection the INSERT commits as it returns (make_async_engine):
+    # after it, only answers are assembled, from what plan_labels checked.
+    if planned.created:
+        for label, label_id in zip(planned.created, _insert(connection, planned), strict=True):
             label["id"] = label_id
     return Stored(
         [
             answer
             if isinstance(answer, ServiceError)
             else LabelsCreated.model_validate({"data": answer[0], "created": answer[1]})
-            for answer in answers
+            for answer in planned.answers
         ],
-        {round_id for label in created for round_id in queried.get(label["item_id"], ())},
+        planned.rounds,
     )
 
 
@@ -232,14 +247,38 @@ def _answer(value: str | float, task: str, classes: list[str] | None, item_id: i
     return name
 
 
-def _insert(connection: Connection, labels: list[dict[str, Any]]) -> Sequence[int]:
-    """Insert `labels` (dicts shaped as LabelPublic); their new ids, in the same order."""
-    rows = [_row(label) for label in labels]
+def _current(
+    connection: Connection, pairs: set[tuple[int, str]]
+) -> dict[tuple[int, str], dict[str, Any]]:
+    """The latest label of each (item, annotator) pair that has one, as a LabelPublic dict."""
+    if connection.dialect.name == "postgresql":
+        statement, params = (
+            _CURRENT_PG,
+            {"item_ids": [p[0] for p in pairs], "annotators": [p[1] for p in pairs]},
+        )
+    else:
+        statement, params = (
+            _CURRENT,
+            {
+                "item_ids": sorted({p[0] for p in pairs}),
+                "annotators": sorted({p[1] for p in pairs}),
+            },
+        )
+    return {
+        (row.item_id, row.annotator): {**row._asdict(), "value": label_value(row)}
+        for row in connection.execute(statement, params)
+    }
+
+
+def _insert(connection: Connection, planned: Planned) -> Sequence[int]:
+    """Insert the planned labels; their new ids, in the same order."""
+    rows = [_row(label) for label in planned.created]
     if connection.dialect.name != "postgresql":
-        return connection.execute(_INSERT["sqlite"], rows).scalars().all()
+        return connection.execute(_INSERT, rows).scalars().all()
     columns = {name: [row[name] for row in rows] for name in _NEW_COLUMNS}
-    # Serial ids are drawn as the rows are inserted, in the order of `labels` (ORDER BY n).
-    return sorted(connection.execute(_INSERT["postgresql"], columns).scalars())
+    # Serial ids are drawn in the order rows go in (ORDER BY n), that of `planned.created`:
+    # sorted, they match it (SQLAlchemy relies on the same for sort_by_parameter_order).
+    return sorted(connection.execute(_INSERT_PG, columns).scalars())
 
 
 def _row(label: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from service.auth import Caller, live_keys
 from service.blobs import BlobStore, FileBlobStore
 from service.db import get_engine, is_disconnect
 from service.errors import Forbidden, NotAuthenticated, ServiceError
-from service.labels import LabelRequest, store_labels
+from service.labels import LabelRequest, plan_labels, write_labels
 from service.models import Role
 from service.page_cache import PageCache
 from service.schemas import LabelsCreated
@@ -113,23 +113,26 @@ def label_writer(engine: AsyncEngine, pages: PageCache) -> LabelWriter:
     whose every round trip would wait for the GIL behind the busy loop. A request's new
     labels show on this process's GET /queries pages as soon as it is answered.
 
-    A batch is three statements (service/labels.py); on PostgreSQL, outside a transaction
-    (make_async_engine): its one INSERT keeps all of a request's labels or none.
+    On PostgreSQL a batch is two reads and one INSERT outside a transaction
+    (make_async_engine): that one statement keeps all of a request's labels or none.
     """
 
     async def write(requests: Sequence[LabelRequest]) -> list[LabelsCreated | ServiceError]:
-        for attempt in (1, 2):
+        async with engine.connect() as connection:
             try:
-                async with engine.connect() as connection:
-                    stored = await connection.run_sync(store_labels, requests)
-                    await connection.commit()
-                break
+                planned = await connection.run_sync(plan_labels, requests)
             except DBAPIError as error:
-                # A connection lost while idle in the pool: retry on a new one. Safe even when
-                # the lost connection had committed: a repeated label changes nothing.
-                if attempt == 2 or not is_disconnect(error):
+                if not is_disconnect(error):
                     raise
-                log.warning("POST /labels: %s; writing the batch again on a new connection", error)
+                # The connection is not pinged: one lost while idle in the pool fails here,
+                # before anything is written. Read again on a new one (the rollback lets the
+                # invalidated connection take it). A loss during the INSERT is the caller's
+                # 503: whether it committed is unknown.
+                log.warning("POST /labels: %s; reading again on a new connection", error)
+                await connection.rollback()
+                planned = await connection.run_sync(plan_labels, requests)
+            stored = await connection.run_sync(write_labels, planned)
+            await connection.commit()
         pages.changed(stored.rounds)
         return stored.answers
 

@@ -1,8 +1,8 @@
-"""Group commit: the requests that arrive while one transaction is under way share the next.
+"""Group commit: the requests that arrive while one write is under way share the next.
 
-Under load a commit then serves many requests (one connection, a few statements and one
-COMMIT for all of them); a lone request is written at once, a few turns of the event loop
-after it arrives.
+Under load one write then serves many requests (one connection and a few statements for
+all of them); a lone request is written at once, a few turns of the event loop after it
+arrives.
 """
 
 import asyncio
