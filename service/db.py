@@ -32,10 +32,11 @@ def make_async_engine(url: str) -> AsyncEngine:
     """An asyncio engine for `url`, for statements run on the event loop without a thread:
     psycopg's async mode, aiosqlite on SQLite (set up as make_engine's).
 
-    Built for short writes that count their round trips. On PostgreSQL each statement
-    commits on its own (no BEGIN, no COMMIT: a write that must be atomic is one statement),
-    and a connection is not pinged before use: callers retry a statement that finds it lost
-    (is_disconnect). SQLite keeps its transactions, which cost no round trip.
+    Built for the label writer, which counts its round trips (one batch at a time, hence one
+    connection). On PostgreSQL each statement commits on its own (no BEGIN, no COMMIT: a
+    write that must be atomic is one statement), and a connection is not pinged before use:
+    a caller whose reads find it lost reads again (is_disconnect). SQLite keeps its
+    transactions, which cost no round trip.
     """
     if not url.startswith("sqlite"):
         return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=1)
