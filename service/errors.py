@@ -177,7 +177,8 @@ class DatabaseUnavailable(Unavailable):
     """The database connection was lost or refused; retry.
 
     A connection lost during COMMIT leaves it unknown whether the request was applied:
-    POST /labels is safe to retry (idempotent), a retried POST /rounds or /pools may be a 409
+    POST /labels is safe to retry (idempotent, when a request gives each item one answer per
+    annotator), a retried POST /rounds or /pools may be a 409
     (it exists already), and a retried POST /keys can create a second key.
     """
 

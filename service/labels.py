@@ -1,7 +1,8 @@
 """Storing annotators' labels: each request checked on its own, all of them written at once.
 
-No request handling here: `store_labels` takes the requests that arrived together (see
-service/api/group_commit.py) and one connection, and leaves the commit to its caller.
+No request handling here: the label writer (service/api/deps.py) gives `plan_labels` the
+requests that arrived together (service/api/group_commit.py) and one connection, then
+`write_labels` its plan; `store_labels` does both in the caller's transaction.
 """
 
 import math
@@ -23,7 +24,7 @@ from service.sql import OneOf
 
 @dataclass
 class Stored:
-    """What `store_labels` did: each request's answer, or the error that refused it, and the
+    """What `write_labels` did: each request's answer, or the error that refused it, and the
     rounds whose GET /queries pages the new labels changed (those that queried their items)."""
 
     answers: list[LabelsCreated | ServiceError]
@@ -33,11 +34,12 @@ class Stored:
 @dataclass
 class Planned:
     """What `plan_labels` read and decided, before anything is written: each request's
-    labels (dicts shaped as LabelPublic) and count of new ones, or the error refusing it."""
+    labels (dicts shaped as LabelPublic) and count of new ones, or the error refusing it.
+    `write_labels` gives the new labels their ids in place, so a plan is written once."""
 
-    answers: list[tuple[list[dict[str, Any]], int] | ServiceError]
+    decided: list[tuple[list[dict[str, Any]], int] | ServiceError]
     created: list[dict[str, Any]]  # the new labels, to insert in this order
-    rounds: set[int]  # the rounds that queried their items
+    rounds: set[int]  # the rounds that queried the new labels' items
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,9 @@ Wanted = tuple[int, str | float, int | None, str]
 
 def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> Stored:
     """Each request's answer, or the error that refuses it as a whole; one refused request
-    leaves the others alone. Three round trips on PostgreSQL however many requests and labels
-    (SQLite inserts row by row, in process)."""
+    leaves the others alone: `plan_labels` then `write_labels`, in the caller's transaction.
+    Three round trips on PostgreSQL however many requests and labels (SQLite inserts row by
+    row, in process)."""
     return write_labels(connection, plan_labels(connection, requests))
 
 
@@ -193,7 +196,7 @@ def write_labels(connection: Connection, planned: Planned) -> Stored:
             answer
             if isinstance(answer, ServiceError)
             else LabelsCreated.model_validate({"data": answer[0], "created": answer[1]})
-            for answer in planned.answers
+            for answer in planned.decided
         ],
         planned.rounds,
     )

@@ -18,7 +18,7 @@ from sqlmodel import Session
 from service.api.group_commit import GroupCommit
 from service.auth import Caller, live_keys
 from service.blobs import BlobStore, FileBlobStore
-from service.db import get_engine, is_disconnect
+from service.db import get_engine
 from service.errors import Forbidden, NotAuthenticated, ServiceError
 from service.labels import LabelRequest, plan_labels, write_labels
 from service.models import Role
@@ -122,17 +122,17 @@ def label_writer(engine: AsyncEngine, pages: PageCache) -> LabelWriter:
             try:
                 planned = await connection.run_sync(plan_labels, requests)
             except DBAPIError as error:
-                if not is_disconnect(error):
+                if not error.connection_invalidated:
                     raise
                 # The connection is not pinged: one lost while idle in the pool fails here,
                 # before anything is written. Read again on a new one (the rollback lets the
                 # invalidated connection take it). A loss during the INSERT is the caller's
                 # 503: whether it committed is unknown.
-                log.warning("POST /labels: %s; reading again on a new connection", error)
+                log.warning("POST /labels: %s; reading again on a new connection", error.orig)
                 await connection.rollback()
                 planned = await connection.run_sync(plan_labels, requests)
             stored = await connection.run_sync(write_labels, planned)
-            await connection.commit()
+            await connection.commit()  # SQLite's transaction; PostgreSQL's INSERT committed
         pages.changed(stored.rounds)
         return stored.answers
 

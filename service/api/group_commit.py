@@ -19,8 +19,9 @@ Write = Callable[[Sequence[Request]], Awaitable[Sequence[Answer | Exception]]]
 class GroupCommit(Generic[Request, Answer]):
     """Awaits `write` for the requests waiting, one batch at a time.
 
-    `write` commits (or rolls back) its own transaction. An exception it raises fails every
-    request of its batch; one it returns in a request's place fails that request alone.
+    `write` stores a batch whole (or not at all) before it returns. An exception it raises
+    fails every request of its batch; one it returns in a request's place fails that request
+    alone.
     """
 
     def __init__(
