@@ -189,7 +189,9 @@ def write_labels(connection: Connection, planned: Planned) -> Stored:
     # On the label writer's connection the INSERT commits as it returns (make_async_engine):
     # after it, only answers are assembled, from what plan_labels checked.
     if planned.created:
-        for label, label_id in zip(planned.created, _insert(connection, planned), strict=True):
+        for label, label_id in zip(
+            planned.created, _insert(connection, planned.created), strict=True
+        ):
             label["id"] = label_id
     return Stored(
         [
@@ -273,15 +275,15 @@ def _current(
     }
 
 
-def _insert(connection: Connection, planned: Planned) -> Sequence[int]:
-    """Insert the planned labels; their new ids, in the same order."""
-    rows = [_row(label) for label in planned.created]
-    if connection.dialect.name != "postgresql":
-        return connection.execute(_INSERT, rows).scalars().all()
-    columns = {name: [row[name] for row in rows] for name in _NEW_COLUMNS}
-    # Serial ids are drawn in the order rows go in (ORDER BY n), that of `planned.created`:
-    # sorted, they match it (SQLAlchemy relies on the same for sort_by_parameter_order).
-    return sorted(connection.execute(_INSERT_PG, columns).scalars())
+def _insert(connection: Connection, labels: list[dict[str, Any]]) -> Sequence[int]:
+    """Insert `labels` (dicts shaped as LabelPublic); their new ids, in the same order."""
+    rows = [_row(label) for label in labels]
+    if connection.dialect.name == "postgresql":
+        columns = {name: [row[name] for row in rows] for name in _NEW_COLUMNS}
+        # Serial ids are drawn in the order rows go in (ORDER BY n), that of `labels`: sorted,
+        # they match it (SQLAlchemy relies on the same for sort_by_parameter_order).
+        return sorted(connection.execute(_INSERT_PG, columns).scalars())
+    return connection.execute(_INSERT, rows).scalars().all()
 
 
 def _row(label: dict[str, Any]) -> dict[str, Any]:
