@@ -16,8 +16,9 @@ from service.api.limits import BodyLimit
 from service.api.routes import curves, health, items, keys, labels, pools, queries, rounds
 from service.auth import live_keys
 from service.changes import ChangeFeed
-from service.db import make_async_engine, migrate
+from service.db import is_postgres, migrate
 from service.errors import database_error_handler, http_error_handler, validation_error_handler
+from service.label_writer import label_store
 from service.page_cache import PageCache
 from service.schemas import ImportRequest, VectorItemsCreate
 from service.settings import settings
@@ -34,12 +35,12 @@ and post labels. Authenticate with `Authorization: Bearer <key>` (keys come from
 @asynccontextmanager
 async def _startup(app: FastAPI) -> AsyncIterator[None]:
     migrate()
-    engine = make_async_engine(settings.database)
-    app.state.label_writer = label_writer(engine, app.state.pages)
+    store = label_store(settings.database)
+    app.state.label_writer = label_writer(store, app.state.pages)
     # PostgreSQL tells which rounds change (so GET /queries pages can be kept) and which
     # keys are revoked (refused at once, not after key_cache_seconds): changes.py.
     feed = None
-    if engine.dialect.name == "postgresql":
+    if is_postgres(settings.database):
         changes = ChangeFeed(settings.database, app.state.pages, live_keys)
         feed = asyncio.create_task(changes.run())
     try:
@@ -49,7 +50,7 @@ async def _startup(app: FastAPI) -> AsyncIterator[None]:
             feed.cancel()
             with suppress(asyncio.CancelledError):
                 await feed
-        await engine.dispose()
+        await store.close()
 
 
 # Bodies read by content type (service/api/payloads.py): the routes refer to these schemas

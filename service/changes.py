@@ -5,9 +5,8 @@
 import asyncio
 import logging
 
-from sqlalchemy import make_url
-
 from service.auth import LiveKeys
+from service.db import connect_async
 from service.page_cache import PageCache
 
 log = logging.getLogger(__name__)
@@ -38,21 +37,15 @@ class ChangeFeed:
     def __init__(
         self, database_url: str, pages: PageCache, keys: LiveKeys, idle_check: float = 1.0
     ) -> None:
-        # A libpq URL: psycopg's own, without SQLAlchemy's "+psycopg".
-        url = make_url(database_url).set(drivername="postgresql")
-        self.conninfo = url.render_as_string(hide_password=False)
+        self.database_url = database_url
         self.pages = pages
         self.keys = keys
         self.idle_check = idle_check  # seconds between checks that the connection is alive
 
     async def run(self) -> None:
-        import psycopg
-
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, connect_timeout=10
-                ) as connection:
+                async with await connect_async(self.database_url) as connection:
                     await connection.execute(f"LISTEN {ROUNDS}")
                     await connection.execute(f"LISTEN {KEYS}")
                     self.pages.set_listening(True)

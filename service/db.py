@@ -4,6 +4,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, event, make_url, text
@@ -28,24 +29,27 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def make_async_engine(url: str) -> AsyncEngine:
-    """An asyncio engine for `url`, for statements run on the event loop without a thread:
-    psycopg's async mode, aiosqlite on SQLite (set up as make_engine's).
-
-    Built for the label writer, which counts its round trips (one batch at a time, hence one
-    connection). On PostgreSQL each statement commits on its own (no BEGIN, no COMMIT: a
-    write that must be atomic is one statement), and a connection is not pinged before use:
-    a caller whose reads find it lost reads again (is_disconnect). SQLite keeps its
-    transactions, which cost no round trip.
-    """
-    if not url.startswith("sqlite"):
-        return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=1)
+def make_sqlite_async_engine(url: str) -> AsyncEngine:
+    """An asyncio engine (aiosqlite) for the SQLite database of `url`, set up as make_engine's:
+    for SQLite's label writer, on the event loop without a thread of the pool."""
     _make_folder(url)
     engine = create_async_engine(
         make_url(url).set(drivername="sqlite+aiosqlite"), connect_args={"timeout": 30}
     )
     event.listen(engine.sync_engine, "connect", _sqlite_foreign_keys)
     return engine
+
+
+def is_postgres(url: str) -> bool:
+    return make_url(url).get_backend_name() == "postgresql"
+
+
+async def connect_async(url: str) -> psycopg.AsyncConnection[Any]:
+    """A psycopg AsyncConnection to the PostgreSQL database of `url`, in autocommit mode,
+    without SQLAlchemy: for the statements of the event loop's hot paths, and LISTEN."""
+    # A libpq URL: psycopg's own, without SQLAlchemy's "+psycopg".
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
 
 
 def _make_folder(sqlite_url: str) -> None:

@@ -255,9 +255,12 @@ async def database_error_handler(request: Request, exc: Exception) -> JSONRespon
     if not is_disconnect(exc):
         raise exc  # a bug: the server error middleware answers 500 and logs it
     log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc.orig)
-    error = DatabaseUnavailable(
+    return await http_error_handler(request, database_unavailable())
+
+
+def database_unavailable() -> DatabaseUnavailable:
+    return DatabaseUnavailable(
         "the database is unavailable (connection lost or refused); the request may or may not"
         " have been applied: retry it",
         headers={"Retry-After": "1"},
     )
-    return await http_error_handler(request, error)

@@ -1,7 +1,6 @@
 """Request dependencies: the session of a sync handler (one transaction) or the Database of
 an async one, the label writer, the blob store, the caller."""
 
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
@@ -11,8 +10,6 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 
 from service.api.group_commit import GroupCommit
@@ -20,14 +17,14 @@ from service.auth import Caller, live_keys
 from service.blobs import BlobStore, FileBlobStore
 from service.db import get_engine
 from service.errors import Forbidden, NotAuthenticated, ServiceError
-from service.labels import LabelRequest, plan_labels, write_labels
+from service.label_writer import LabelStore
+from service.labels import LabelRequest
 from service.models import Role
 from service.page_cache import PageCache
 from service.schemas import LabelsCreated
 from service.settings import settings
 
 Result = TypeVar("Result")
-log = logging.getLogger(__name__)
 
 
 async def get_db() -> AsyncIterator[Session]:
@@ -108,31 +105,14 @@ def _sessions() -> CapacityLimiter:
 LabelWriter = GroupCommit[LabelRequest, LabelsCreated]
 
 
-def label_writer(engine: AsyncEngine, pages: PageCache) -> LabelWriter:
+def label_writer(store: LabelStore, pages: PageCache) -> LabelWriter:
     """Concurrent POST /labels share round trips, run on the event loop: no worker thread,
     whose every round trip would wait for the GIL behind the busy loop. A request's new
     labels show on this process's GET /queries pages as soon as it is answered.
-
-    On PostgreSQL a batch is two reads and one INSERT outside a transaction
-    (make_async_engine): that one statement keeps all of a request's labels or none.
     """
 
     async def write(requests: Sequence[LabelRequest]) -> list[LabelsCreated | ServiceError]:
-        async with engine.connect() as connection:
-            try:
-                planned = await connection.run_sync(plan_labels, requests)
-            except DBAPIError as error:
-                if not error.connection_invalidated:
-                    raise
-                # The connection is not pinged: one lost while idle in the pool fails here,
-                # before anything is written. Read again on a new one (the rollback lets the
-                # invalidated connection take it). A loss during the INSERT is the caller's
-                # 503: whether it committed is unknown.
-                log.warning("POST /labels: %s; reading again on a new connection", error.orig)
-                await connection.rollback()
-                planned = await connection.run_sync(plan_labels, requests)
-            stored = await connection.run_sync(write_labels, planned)
-            await connection.commit()  # SQLite's transaction; PostgreSQL's INSERT committed
+        stored = await store.store(requests)
         pages.changed(stored.rounds)
         return stored.answers
 

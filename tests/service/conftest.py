@@ -26,7 +26,8 @@ from service.app import create_app
 from service.auth import create_key
 from service.blobs import FileBlobStore
 from service.db import make_engine, migrate
-from service.labels import LabelRequest, store_labels
+from service.label_writer import store_labels
+from service.labels import LabelRequest
 from service.models import Role
 from service.settings import settings
 from tests.databases import own_database
