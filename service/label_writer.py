@@ -62,6 +62,9 @@ RETURNING id
 """
 
 
+PLAN_CACHE_MODE = "force_generic_plan"
+
+
 class PostgresLabels:
     """The API's label writer on PostgreSQL: one connection, one batch at a time, each
     statement committed on its own (autocommit: no BEGIN, no COMMIT)."""
@@ -95,7 +98,11 @@ class PostgresLabels:
 
     async def _run(self, statement: str, params: dict[str, list[Any]]) -> list[tuple[Any, ...]]:
         if self._connection is None or self._connection.closed:
-            self._connection = await connect_async(self.database_url)
+            # Each statement has one good plan whatever its arrays hold: planning it again
+            # for each batch (a custom plan) would cost PostgreSQL as much as running it.
+            self._connection = await connect_async(
+                self.database_url, options=f"-c plan_cache_mode={PLAN_CACHE_MODE}"
+            )
         cursor = await self._connection.execute(statement, params)
         return await cursor.fetchall()  # type: ignore[no-any-return]
 

@@ -143,7 +143,8 @@ class Label(SQLModel, table=True):
     """One answer about an item; the history is kept and the latest one counts."""
 
     __tablename__ = "labels"
-    __table_args__ = (Index("ix_labels_item_id_annotator", "item_id", "annotator"),)
+    # An annotator's latest label of an item: one index descent (migration 0009).
+    __table_args__ = (Index("ix_labels_item_id_annotator_id", "item_id", "annotator", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     pool_id: int = Field(foreign_key="pools.id", index=True)
