@@ -44,14 +44,12 @@ def is_postgres(url: str) -> bool:
     return make_url(url).get_backend_name() == "postgresql"
 
 
-async def connect_async(url: str, **options: Any) -> psycopg.AsyncConnection[Any]:
+async def connect_async(url: str) -> psycopg.AsyncConnection[Any]:
     """A psycopg AsyncConnection to the PostgreSQL database of `url`, in autocommit mode,
-    without SQLAlchemy (for LISTEN, and the label writer); `options` go to psycopg."""
+    without SQLAlchemy: for LISTEN, and the label writer."""
     # A libpq URL: psycopg's own, without SQLAlchemy's "+psycopg".
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    return await psycopg.AsyncConnection.connect(
-        conninfo, autocommit=True, connect_timeout=10, **options
-    )
+    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
 
 
 def _make_folder(sqlite_url: str) -> None:

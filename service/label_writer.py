@@ -12,7 +12,7 @@ connection, and SQLite's portable ones, in the caller's transaction: SQLite's la
 import functools
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 # One row per (item, annotator) pair whose item exists: the item with its pool's task and
 # classes, the rounds that queried it, and the annotator's latest label (one descent of the
-# (item, annotator) index; a semi-join of max(id)s may scan the whole table instead).
-# Arrays, bound in binary: one statement text whatever the count, prepared once.
+# (item, annotator, id) index; a semi-join of max(id)s may scan the whole table instead).
+# Arrays, bound in binary: one statement text whatever the count, which psycopg prepares
+# once it has run a few times.
 READ = """\
 SELECT pair.item_id, pair.annotator, items.pool_id, pools.task, pools.classes::text,
        ARRAY(SELECT round_id FROM queries WHERE queries.item_id = pair.item_id),
@@ -62,7 +63,24 @@ RETURNING id
 """
 
 
+# Each statement has one good plan whatever its arrays hold: planning it anew for each batch
+# (a custom plan) costs PostgreSQL as much as running it.
 PLAN_CACHE_MODE = "force_generic_plan"
+
+Statement = tuple[str, dict[str, list[Any]]]
+Rows = Sequence[Sequence[Any]]
+
+
+def postgres_batch(requests: Sequence[LabelRequest]) -> Generator[Statement, Rows, Stored]:
+    """A batch's work on PostgreSQL without its I/O: yields READ, then INSERT if any label is
+    new, each sent back its rows; returns the answers. `PostgresLabels` runs it on psycopg,
+    `store_labels` on a SQLAlchemy connection."""
+    rows = yield READ, _read_params(pairs(requests))
+    planned = plan_labels(requests, _known(rows))
+    if not planned.created:
+        return planned.stored([])
+    rows = yield INSERT, _insert_params(planned.created)
+    return planned.stored(sorted(label_id for (label_id,) in rows))
 
 
 class PostgresLabels:
@@ -74,37 +92,48 @@ class PostgresLabels:
         self._connection: psycopg.AsyncConnection[Any] | None = None  # opened on first use
 
     async def store(self, requests: Sequence[LabelRequest]) -> Stored:
-        wanted = _read_params(pairs(requests))
+        batch = postgres_batch(requests)
+        read = next(batch)
         try:
+            was_open = self._connection is not None and not self._connection.closed
             try:
-                rows = await self._run(READ, wanted)
+                rows = await self._run(*read)
             except psycopg.OperationalError as error:
-                if not self._connection or not self._connection.closed:
+                if not (was_open and self._connection is not None and self._connection.closed):
                     raise
                 # The connection is not pinged before use: one the server dropped while
                 # idle fails here, before anything is written. Read again on a new one.
                 log.warning("POST /labels: %s; reading again on a new connection", error)
-                rows = await self._run(READ, wanted)
-            planned = plan_labels(requests, _known(rows))
-            ids = []
-            if planned.created:
-                ids = sorted(i for (i,) in await self._run(INSERT, _insert_params(planned.created)))
+                rows = await self._run(*read)
+            insert = batch.send(rows)
+            # Not run again: whether an INSERT cut off committed is unknown, and run again,
+            # a request answering an item twice would store its first answer twice.
+            batch.send(await self._run(*insert))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
         except psycopg.OperationalError as error:
-            # Lost during the INSERT, whether it committed is unknown: not run again, as a
-            # request answering an item twice would store its first answer twice.
+            # Lost or refused connections, and statements the server could not run for now.
             log.warning("POST /labels: database unavailable: %s", error)
             raise database_unavailable() from error
-        return planned.stored(ids)
+        raise AssertionError("postgres_batch runs at most two statements")
 
-    async def _run(self, statement: str, params: dict[str, list[Any]]) -> list[tuple[Any, ...]]:
+    async def connection(self) -> psycopg.AsyncConnection[Any]:
+        """The writer's connection, opened on first use and again after a loss."""
         if self._connection is None or self._connection.closed:
-            # Each statement has one good plan whatever its arrays hold: planning it again
-            # for each batch (a custom plan) would cost PostgreSQL as much as running it.
-            self._connection = await connect_async(
-                self.database_url, options=f"-c plan_cache_mode={PLAN_CACHE_MODE}"
-            )
-        cursor = await self._connection.execute(statement, params)
-        return await cursor.fetchall()  # type: ignore[no-any-return]
+            connection = await connect_async(self.database_url)
+            try:
+                # A SET rather than a startup option: it keeps the URL's own options, and
+                # poolers such as PgBouncer refuse startup options they do not know.
+                await connection.execute(f"SET plan_cache_mode = {PLAN_CACHE_MODE}")
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection = connection
+        return self._connection
+
+    async def _run(self, statement: str, params: dict[str, list[Any]]) -> Rows:
+        cursor = await (await self.connection()).execute(statement, params)
+        return await cursor.fetchall()
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -136,21 +165,19 @@ def label_store(database_url: str) -> LabelStore:
 
 def store_labels(connection: Connection, requests: Sequence[LabelRequest]) -> Stored:
     """Each request's answer, or the error that refuses it as a whole, its labels stored in
-    the caller's transaction: READ and INSERT on PostgreSQL; on SQLite, two reads and an
-    INSERT row by row (in process, no round trips)."""
-    wanted = pairs(requests)
+    the caller's transaction: READ and INSERT on PostgreSQL (`postgres_batch`); on SQLite,
+    two reads and an INSERT row by row (in process, no round trips)."""
     if connection.dialect.name == "postgresql":
-        known = _known(connection.exec_driver_sql(READ, _read_params(wanted)))
-    else:
-        known = _read_portably(connection, wanted)
-    planned = plan_labels(requests, known)
-    if not planned.created:
-        return planned.stored([])
-    if connection.dialect.name == "postgresql":
-        inserted = connection.exec_driver_sql(INSERT, _insert_params(planned.created))
-        return planned.stored(sorted(inserted.scalars()))
+        batch = postgres_batch(requests)
+        try:
+            statement = next(batch)
+            while True:
+                statement = batch.send(connection.exec_driver_sql(*statement).all())
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+    planned = plan_labels(requests, _read_portably(connection, pairs(requests)))
     rows = [_row(label) for label in planned.created]
-    return planned.stored(connection.execute(_INSERT, rows).scalars().all())
+    return planned.stored(connection.execute(_INSERT, rows).scalars().all() if rows else [])
 
 
 def _read_params(wanted: list[Pair]) -> dict[str, list[Any]]:

@@ -18,7 +18,7 @@ from service.auth import Caller, create_key
 from service.blobs import FileBlobStore
 from service.db import migrate
 from service.errors import InvalidLabel, ItemNotFound
-from service.label_writer import PLAN_CACHE_MODE, READ, PostgresLabels, store_labels
+from service.label_writer import INSERT, PLAN_CACHE_MODE, READ, PostgresLabels, store_labels
 from service.labels import LabelRequest
 from service.models import Item, Label, Role
 from service.schemas import LabelCreate, LabelsCreated
@@ -294,6 +294,7 @@ async def test_a_batch_cut_off_after_its_insert_is_a_503_and_is_not_written_agai
         if statement == READ:
             reads.append(params)
             return rows
+        await (await self.connection()).close()  # as the server's end would leave it
         raise psycopg.OperationalError("connection lost")
 
     monkeypatch.setattr(PostgresLabels, "_run", insert_then_lose_the_connection)
@@ -306,13 +307,14 @@ async def test_a_batch_cut_off_after_its_insert_is_a_503_and_is_not_written_agai
     assert [v for _, _, v in sorted(_labels_in(served_database))] == ["1", "0"]
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("empty_engine", ["postgresql"], indirect=True)
-def test_labels_are_read_through_an_index_whatever_the_table_holds(
+async def test_labels_are_read_through_an_index_whatever_the_table_holds(
     served_database: Engine, blobs: FileBlobStore
 ) -> None:
-    """The writer's READ stays index look-ups on a large, analyzed labels table, planned as
-    the writer plans it (once, for any arrays), where a plan may well prefer scanning the
-    whole table: for a semi-join, or backwards through the ids for ORDER BY id LIMIT 1."""
+    """The writer's READ stays index look-ups on a large, analyzed labels table, planned on
+    the writer's connection (once, for any arrays), where a plan may well prefer scanning
+    the whole table: for a semi-join, or backwards through the ids for ORDER BY id LIMIT 1."""
     with Session(served_database) as session:
         pool = make_pool(session)
         items = make_items(session, blobs, pool, 20)
@@ -330,15 +332,52 @@ def test_labels_are_read_through_an_index_whatever_the_table_holds(
         )
         connection.execute(text("ANALYZE labels"))
     params = {"item_ids": item_ids[:9], "annotators": [f"annotator-{n}" for n in range(9)]}
-    with served_database.connect() as connection:
-        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute(f"SET plan_cache_mode = {PLAN_CACHE_MODE}")
-        cursor.execute(READ, params, prepare=True)  # as the writer's connection does
-        [name] = cursor.execute("SELECT name FROM pg_prepared_statements").fetchone()
+    writer = PostgresLabels(served_database.url.render_as_string(hide_password=False))
+    try:
+        connection = await writer.connection()
+        await connection.execute(READ, params, prepare=True)
+        cursor = await connection.execute(
+            "SELECT current_setting('plan_cache_mode'), name FROM pg_prepared_statements"
+            " WHERE statement LIKE 'SELECT pair.item_id%'"
+        )
+        [(mode, name)] = await cursor.fetchall()
         # EXPLAIN EXECUTE takes no bound parameters: literals, bound in the client.
-        explain = psycopg.ClientCursor(cursor.connection)
-        explain.execute(f"EXPLAIN EXECUTE {name}(%(item_ids)s, %(annotators)s)", params)
-        plan = "\n".join(row[0] for row in explain.fetchall())
+        explain = psycopg.AsyncClientCursor(connection)
+        await explain.execute(f"EXPLAIN EXECUTE {name}(%(item_ids)s, %(annotators)s)", params)
+        plan = "\n".join(row[0] for row in await explain.fetchall())
+    finally:
+        await writer.close()
 
+    assert mode == PLAN_CACHE_MODE == "force_generic_plan"
     assert "Index Scan Backward using ix_labels_item_id_annotator_id on labels" in plan, plan
     assert "Seq Scan on labels" not in plan and "pk_labels" not in plan, plan
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("empty_engine", ["postgresql"], indirect=True)
+async def test_the_writer_runs_two_statements_per_batch_however_many_labels(
+    served_database: Engine, blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, key, item_ids = _served(served_database, blobs, 30)
+    run = PostgresLabels._run
+    statements: list[str] = []
+
+    async def counted(self: Any, statement: str, params: Any) -> Any:
+        statements.append(statement)
+        return await run(self, statement, params)
+
+    monkeypatch.setattr(PostgresLabels, "_run", counted)
+    counts = []
+    async with serving(app, key) as client:
+        for batch in (item_ids[:2], item_ids[2:]):
+            statements.clear()
+            response = await client.post(
+                "/labels", json=[{"item_id": i, "value": "3"} for i in batch]
+            )
+            assert response.json()["created"] == len(batch)
+            counts.append(statements.copy())
+        statements.clear()  # a repeat: nothing to insert
+        await client.post("/labels", json={"item_id": item_ids[0], "value": "3"})
+        counts.append(statements.copy())
+
+    assert counts == [[READ, INSERT], [READ, INSERT], [READ]]

@@ -66,7 +66,9 @@ def test_post_labels_runs_a_fixed_number_of_statements(
             # one there: in-process calls, not round trips. Count distinct statements.
             seen = list(dict.fromkeys(seen))
         counts.append(len(seen))
-    assert counts[0] == counts[1] <= 4  # the key, the items, their current labels, the insert
+    # The key, then READ and INSERT; on SQLite, the items and their current labels apart.
+    most = 3 if session.get_bind().dialect.name == "postgresql" else 4
+    assert counts[0] == counts[1] <= most
 
 
 def test_a_keys_pools_are_read_with_the_key(client: TestClient, session: Session, round_of) -> None:

@@ -52,8 +52,8 @@ async def create_labels(
     restricted to some pools, items of other pools do not exist.
     """
     inputs = body if isinstance(body, list) else [body]
-    # Stored in a transaction shared with the requests that arrive meanwhile: all of this
-    # request's labels or none.
+    # Written with the requests that arrive meanwhile, in one statement (PostgreSQL) or one
+    # transaction (SQLite): all of this request's labels or none.
     return model_json(await writer.submit(LabelRequest(key, inputs)))
 
 
