@@ -4,6 +4,7 @@ No request handling here: the CLI uses it too.
 """
 
 import hashlib
+import math
 import secrets
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -112,43 +113,73 @@ def _find_hashed(session: Session, key_hash: str) -> Caller | None:
     return Caller(key_id, name, Role(role), None if role == Role.admin else pools)
 
 
-class LiveKeys:
-    """Live keys by hash, each remembered for `ttl` seconds: most requests skip the look-up.
+@dataclass(frozen=True)
+class _Found:
+    caller: Caller
+    at: float  # when its look-up began
+    spell: object | None  # the change feed's listening spell that vouches for it, if any
 
-    A key revoked by another process (another API process, `ally keys revoke`) is refused
-    at most `ttl` seconds after the revocation commits; `revoke_key` forgets it here at once.
-    Only live keys are remembered, so unknown keys cannot fill the memory.
+
+class LiveKeys:
+    """Live keys by hash, remembered so that most requests skip the look-up.
+
+    A key found live is trusted for `ttl` seconds, and after that for as long as the change
+    feed (service/changes.py) vouches for it: the feed has been listening for revocations
+    since before the look-up and was last heard less than `ttl` seconds ago, so a revocation
+    it has not told is that recent. Either way a key revoked by another process is refused
+    at most `ttl` seconds after the revocation commits; `revoke_key` and the feed's
+    notifications forget it at once. Only live keys are remembered, so unknown keys cannot
+    fill the memory.
     """
 
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.clock = clock
-        self._keys: dict[str, tuple[float, Caller]] = {}
+        self._keys: dict[str, _Found] = {}
+        self._spell: object | None = None  # one per stretch of listening without a break
+        self._heard = -math.inf  # every revocation committed before this has been told
+        self._forgotten = 0  # counts the keys forgotten
 
     def remembered(self, key: str) -> Caller | None:
-        """The caller if `key` was found live less than `ttl` seconds ago (no database)."""
-        remembered = self._keys.get(hash_key(key))
-        if remembered is None or remembered[0] <= self.clock():
-            return None
-        return remembered[1]
+        """The caller if `key` is trusted without a look-up (no database)."""
+        found = self._keys.get(hash_key(key))
+        return found.caller if found is not None and self._trusted(found) else None
 
     def find(self, session: Session, key: str) -> Caller | None:
         """The caller with `key`: remembered, else looked up (and remembered)."""
         key_hash = hash_key(key)
-        remembered = self._keys.get(key_hash)
-        if remembered is not None and remembered[0] > self.clock():
-            return remembered[1]
-        # Counted from before the look-up, so no answer outlives a revocation by over `ttl`.
-        expires = self.clock() + self.ttl
+        found = self._keys.get(key_hash)
+        if found is not None and self._trusted(found):
+            return found.caller
+        # Taken before the look-up, so no answer outlives a revocation by over `ttl`.
+        at, spell, forgotten = self.clock(), self._spell, self._forgotten
         caller = _find_hashed(session, key_hash)
         if caller is None:
             self._keys.pop(key_hash, None)
             return None
-        self._keys[key_hash] = (expires, caller)
+        # A key forgotten during the look-up may be this one, told before it was remembered:
+        # then the feed cannot vouch for it.
+        vouched = spell if forgotten == self._forgotten else None
+        self._keys[key_hash] = _Found(caller, at, vouched)
         return caller
 
     def forget(self, key_hash: str) -> None:
+        self._forgotten += 1
         self._keys.pop(key_hash, None)
+
+    def set_listening(self, listening: bool) -> None:
+        """The feed started or stopped listening for revocations: a new spell, or none."""
+        self._spell = object() if listening else None
+        self._heard = -math.inf
+
+    def heard(self, at: float) -> None:
+        """The feed has told every revocation committed before `at` (this spell's clock)."""
+        self._heard = at
+
+    def _trusted(self, found: _Found) -> bool:
+        now = self.clock()
+        vouched = found.spell is not None and found.spell is self._spell
+        return now < found.at + self.ttl or (vouched and now < self._heard + self.ttl)
 
 
 live_keys = LiveKeys(ttl=settings.key_cache_seconds)

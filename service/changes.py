@@ -4,6 +4,9 @@
 
 import asyncio
 import logging
+from typing import Any
+
+import psycopg
 
 from service.auth import LiveKeys
 from service.db import connect_async
@@ -14,6 +17,8 @@ log = logging.getLogger(__name__)
 ROUNDS = "ally_rounds"  # payload: round ids, comma-separated, or EVERY_ROUND
 EVERY_ROUND = "*"  # when the rounds' ids would not fit in one notification
 KEYS = "ally_keys"  # payload: the revoked key's hash
+APPLICATION_NAME = "ally change feed"
+CHECK_TIMEOUT = 5.0  # seconds: a check unanswered by then means a half-open connection
 
 
 def parse_rounds(payload: str) -> list[int] | None:
@@ -30,39 +35,53 @@ class ChangeFeed:
     """Listens on the event loop and tells `pages` which rounds changed and `keys` which
     keys were revoked: `run()` until cancelled, reconnecting after a lost connection.
 
-    While it is not listening, `pages` keeps nothing, and a key revoked by another process
-    is refused once `keys` has forgotten it (`key_cache_seconds`).
+    Every `idle_check` seconds it checks that its connection is alive, and so vouches for
+    `keys`: every revocation committed before the check was sent has been told. While it is
+    not listening, `pages` keeps nothing and `keys` trusts a key for `key_cache_seconds`.
     """
 
     def __init__(
-        self, database_url: str, pages: PageCache, keys: LiveKeys, idle_check: float = 1.0
+        self,
+        database_url: str,
+        pages: PageCache,
+        keys: LiveKeys,
+        idle_check: float | None = None,
     ) -> None:
         self.database_url = database_url
         self.pages = pages
         self.keys = keys
-        self.idle_check = idle_check  # seconds between checks that the connection is alive
+        # Several checks within a key's trust, so it never lapses between two.
+        self.idle_check = idle_check or min(1.0, max(0.1, keys.ttl / 4))
 
     async def run(self) -> None:
         while True:
             try:
-                async with await connect_async(self.database_url) as connection:
+                async with await connect_async(self.database_url, APPLICATION_NAME) as connection:
                     await connection.execute(f"LISTEN {ROUNDS}")
                     await connection.execute(f"LISTEN {KEYS}")
                     self.pages.set_listening(True)
+                    self.keys.set_listening(True)
                     log.info("listening for changed rounds and revoked keys")
                     while True:
-                        async for note in connection.notifies(timeout=self.idle_check):
-                            if note.channel == KEYS:
-                                self.keys.forget(note.payload)
-                            else:
-                                self.pages.changed(parse_rounds(note.payload))
+                        await self._tell(connection, self.idle_check)
                         # A dead connection shows here, not in notifies(); a half-open one
                         # would leave the check waiting, hence the time limit.
-                        await asyncio.wait_for(
-                            connection.execute("SELECT 1"), timeout=5 * self.idle_check
-                        )
+                        sent = self.keys.clock()
+                        await asyncio.wait_for(connection.execute("SELECT 1"), CHECK_TIMEOUT)
+                        # What arrived before the answer, kept by psycopg for notifies().
+                        await self._tell(connection, 0)
+                        self.keys.heard(sent)
             except Exception as error:  # whatever it was, pages must not outlive it
                 log.warning("not listening for changes (%r); pages are not kept", error)
             finally:
                 self.pages.set_listening(False)
+                self.keys.set_listening(False)
             await asyncio.sleep(self.idle_check)
+
+    async def _tell(self, connection: psycopg.AsyncConnection[Any], seconds: float) -> None:
+        """Pass on the notifications that arrive within `seconds` (0: those already here)."""
+        async for note in connection.notifies(timeout=seconds):
+            if note.channel == KEYS:
+                self.keys.forget(note.payload)
+            else:
+                self.pages.changed(parse_rounds(note.payload))

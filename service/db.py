@@ -44,12 +44,15 @@ def is_postgres(url: str) -> bool:
     return make_url(url).get_backend_name() == "postgresql"
 
 
-async def connect_async(url: str) -> psycopg.AsyncConnection[Any]:
+async def connect_async(url: str, name: str) -> psycopg.AsyncConnection[Any]:
     """A psycopg AsyncConnection to the PostgreSQL database of `url`, in autocommit mode,
-    without SQLAlchemy: for LISTEN, and the label writer."""
+    without SQLAlchemy: for LISTEN, and the label writer. `name` is its application_name
+    (pg_stat_activity shows it)."""
     # A libpq URL: psycopg's own, without SQLAlchemy's "+psycopg".
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
+    return await psycopg.AsyncConnection.connect(
+        conninfo, autocommit=True, connect_timeout=10, application_name=name
+    )
 
 
 def _make_folder(sqlite_url: str) -> None:

@@ -66,6 +66,7 @@ RETURNING id
 # Each statement has one good plan whatever its arrays hold: planning it anew for each batch
 # (a custom plan) costs PostgreSQL as much as running it.
 PLAN_CACHE_MODE = "force_generic_plan"
+APPLICATION_NAME = "ally label writer"
 
 Statement = tuple[str, dict[str, list[Any]]]
 Rows = Sequence[Sequence[Any]]
@@ -120,7 +121,7 @@ class PostgresLabels:
     async def connection(self) -> psycopg.AsyncConnection[Any]:
         """The writer's connection, opened on first use and again after a loss."""
         if self._connection is None or self._connection.closed:
-            connection = await connect_async(self.database_url)
+            connection = await connect_async(self.database_url, APPLICATION_NAME)
             try:
                 # A SET rather than a startup option: it keeps the URL's own options, and
                 # poolers such as PgBouncer refuse startup options they do not know.

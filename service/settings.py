@@ -29,8 +29,10 @@ class Settings(BaseSettings):
     max_archive_unpacked_bytes: int = 1024 * MiB
     max_archive_members: int = 200_000
 
-    # How long an API process trusts a key it found live: a key revoked elsewhere (another
-    # process, `ally keys revoke`) is refused at most this long after. 0: look up every time.
+    # A key revoked elsewhere (another process, `ally keys revoke`) is refused at most this
+    # long after: an API process trusts a key it found live for this long, and on PostgreSQL
+    # for as long as its change feed has been heard within this long (service/auth.py).
+    # 0: look up every time.
     key_cache_seconds: float = 1.0
 
     # How long GET /queries/{round}?annotator=NAME reserves items for that annotator.

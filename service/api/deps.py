@@ -145,13 +145,14 @@ async def current_key(
 ) -> Caller:
     """The caller's API key; 401 without a valid one.
 
-    A key found live within the last `key_cache_seconds` needs neither the database nor a
-    trip through the thread pool; any other is looked up on a worker thread.
+    A key `live_keys` trusts needs neither the database nor a trip through the thread
+    pool (on PostgreSQL, while the change feed listens, that is every key found live once);
+    any other is looked up on a worker thread.
     """
     if credentials is None:
         raise NotAuthenticated("send an API key as 'Authorization: Bearer <key>'")
     # Out of turn: the request may hold a session place already (SessionDep), and the
-    # look-up is short and rare (once per key and key_cache_seconds).
+    # look-up is short and rare.
     key = live_keys.remembered(credentials.credentials) or await database.run(
         live_keys.find, credentials.credentials, wait_turn=False
     )

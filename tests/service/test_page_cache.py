@@ -14,6 +14,7 @@ from service.api.deps import get_blobs
 from service.app import create_app
 from service.auth import LiveKeys, create_key, live_keys, revoke_key
 from service.blobs import FileBlobStore
+from service import changes
 from service.changes import ChangeFeed
 from service.db import get_engine, migrate
 from service.models import Item, Query, Role
@@ -79,6 +80,19 @@ def three_rounds(engine: Engine, blobs: FileBlobStore) -> tuple[list[int], list[
         return rounds, [item.id for item in items]  # type: ignore[return-value, misc]
 
 
+def cut_off_the_feed(engine: Engine) -> None:
+    """Terminate the change feed's connection, as a restarted server or a network fault would."""
+    with engine.connect() as connection:
+        cut = connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = :name"
+            ),
+            {"name": changes.APPLICATION_NAME},
+        ).all()
+    assert len(cut) == 1
+
+
 def keep(pages: PageCache, round_ids: list[int]) -> None:
     for round_id in round_ids:
         pages.put(round_id, PAGE, (1, b"page"), pages.version())
@@ -137,13 +151,7 @@ async def test_a_lost_connection_drops_every_page_and_keeps_none_until_listening
     pages = PageCache()
     async with listening(engine, pages):
         keep(pages, rounds)
-        with engine.connect() as connection:
-            connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
-                )
-            )
+        cut_off_the_feed(engine)
         await eventually(lambda: pages.version() is None, "listening stopped")
         assert kept(pages, rounds) == []
         await eventually(lambda: pages.version() is not None, "listening again")
@@ -191,3 +199,31 @@ async def test_a_key_revoked_elsewhere_is_forgotten_at_once(engine: Engine) -> N
             revoke_key(session, key_id)  # type: ignore[arg-type]
             session.commit()
         await eventually(lambda: keys.remembered(key) is None, "the revoked key forgotten")
+
+
+async def test_a_key_is_looked_up_once_while_the_feed_listens_and_again_once_it_stops(
+    engine: Engine,
+) -> None:
+    """Past its own `ttl`, a key is trusted as long as the feed answers its checks; a feed cut
+    off vouches for nothing (a revocation it missed is refused within `ttl`)."""
+    keys = LiveKeys(ttl=2)
+    pages = PageCache()
+    with Session(engine) as session:
+        _, key = create_key(session, name="alice", role=Role.annotator)
+        session.commit()
+    changes = ChangeFeed(url(engine), pages, keys)  # checks every 0.5 s
+    feed = asyncio.create_task(changes.run())
+    try:
+        await eventually(lambda: pages.version() is not None, "listening")
+        with Session(engine) as session:
+            assert keys.find(session, key) is not None
+        await asyncio.sleep(3 * keys.ttl)
+        assert keys.remembered(key) is not None  # no look-up since
+
+        cut_off_the_feed(engine)
+        await eventually(lambda: pages.version() is None, "listening stopped")
+        assert keys.remembered(key) is None
+    finally:
+        feed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await feed
