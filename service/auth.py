@@ -6,6 +6,7 @@ No request handling here: the CLI uses it too.
 import hashlib
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -117,28 +118,33 @@ def _find_hashed(session: Session, key_hash: str) -> Caller | None:
 class _Found:
     caller: Caller
     at: float  # when its look-up began
-    spell: object | None  # the change feed's listening spell that vouches for it, if any
+    epoch: int | None  # the change feed's listening epoch when it began, if it was listening
 
 
 class LiveKeys:
     """Live keys by hash, remembered so that most requests skip the look-up.
 
     A key found live is trusted for `ttl` seconds, and after that for as long as the change
-    feed (service/changes.py) vouches for it: the feed has been listening for revocations
-    since before the look-up and was last heard less than `ttl` seconds ago, so a revocation
-    it has not told is that recent. Either way a key revoked by another process is refused
-    at most `ttl` seconds after the revocation commits; `revoke_key` and the feed's
+    feed (service/changes.py) vouches for it: the feed has been listening since before the
+    look-up and was last heard less than `ttl` seconds ago, so a change to the key it has not
+    told is that recent. Either way a key revoked (or changed) by another process is refused
+    at most `ttl` seconds after the change commits; `revoke_key` and the feed's
     notifications forget it at once. Only live keys are remembered, so unknown keys cannot
     fill the memory.
+
+    `find` runs on worker threads, the feed on the event loop: `_lock` keeps a key from
+    being remembered as vouched for after a concurrent `forget` that may have been its own.
     """
 
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.clock = clock
         self._keys: dict[str, _Found] = {}
-        self._spell: object | None = None  # one per stretch of listening without a break
-        self._heard = -math.inf  # every revocation committed before this has been told
-        self._forgotten = 0  # counts the keys forgotten
+        self._lock = threading.Lock()
+        self._listening = False
+        self._epoch = 0  # counts the feed's starts and stops
+        self._heard = -math.inf  # every change committed before this has been told
+        self._forget_count = 0
 
     def remembered(self, key: str) -> Caller | None:
         """The caller if `key` is trusted without a look-up (no database)."""
@@ -151,35 +157,38 @@ class LiveKeys:
         found = self._keys.get(key_hash)
         if found is not None and self._trusted(found):
             return found.caller
-        # Taken before the look-up, so no answer outlives a revocation by over `ttl`.
-        at, spell, forgotten = self.clock(), self._spell, self._forgotten
+        # Taken before the look-up, so no answer outlives a change it missed by over `ttl`.
+        at, forget_count = self.clock(), self._forget_count
+        epoch = self._epoch if self._listening else None
         caller = _find_hashed(session, key_hash)
-        if caller is None:
-            self._keys.pop(key_hash, None)
-            return None
-        # A key forgotten during the look-up may be this one, told before it was remembered:
-        # then the feed cannot vouch for it.
-        vouched = spell if forgotten == self._forgotten else None
-        self._keys[key_hash] = _Found(caller, at, vouched)
+        with self._lock:
+            if caller is None:
+                self._keys.pop(key_hash, None)
+                return None
+            if forget_count != self._forget_count:  # perhaps this key's, told too early
+                epoch = None
+            self._keys[key_hash] = _Found(caller, at, epoch)
         return caller
 
     def forget(self, key_hash: str) -> None:
-        self._forgotten += 1
-        self._keys.pop(key_hash, None)
+        with self._lock:
+            self._forget_count += 1
+            self._keys.pop(key_hash, None)
 
     def set_listening(self, listening: bool) -> None:
-        """The feed started or stopped listening for revocations: a new spell, or none."""
-        self._spell = object() if listening else None
+        """The feed started or stopped listening: it vouches for no key found before."""
+        self._epoch += 1
+        self._listening = listening
         self._heard = -math.inf
 
     def heard(self, at: float) -> None:
-        """The feed has told every revocation committed before `at` (this spell's clock)."""
+        """The feed has told every change committed before `at` (on `clock`)."""
         self._heard = at
 
     def _trusted(self, found: _Found) -> bool:
         now = self.clock()
-        vouched = found.spell is not None and found.spell is self._spell
-        return now < found.at + self.ttl or (vouched and now < self._heard + self.ttl)
+        vouched = found.epoch == self._epoch and now < self._heard + self.ttl
+        return now < found.at + self.ttl or vouched
 
 
 live_keys = LiveKeys(ttl=settings.key_cache_seconds)

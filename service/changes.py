@@ -1,6 +1,6 @@
 """What other processes changed in the database, told to each API process by PostgreSQL
-(LISTEN/NOTIFY, from the triggers of migrations 0007 and 0008): the rounds whose GET
-/queries pages changed, and the API keys revoked."""
+(LISTEN/NOTIFY, from the triggers of migrations 0007 and 0010): the rounds whose GET
+/queries pages changed, and the API keys revoked or changed."""
 
 import asyncio
 import logging
@@ -16,9 +16,11 @@ log = logging.getLogger(__name__)
 
 ROUNDS = "ally_rounds"  # payload: round ids, comma-separated, or EVERY_ROUND
 EVERY_ROUND = "*"  # when the rounds' ids would not fit in one notification
-KEYS = "ally_keys"  # payload: the revoked key's hash
+KEYS = "ally_keys"  # payload: the hash of a key revoked or changed
 APPLICATION_NAME = "ally change feed"
+CHECK = "SELECT 1"
 CHECK_TIMEOUT = 5.0  # seconds: a check unanswered by then means a half-open connection
+RECONNECT_PAUSE = 1.0  # seconds between attempts to listen again
 
 
 def parse_rounds(payload: str) -> list[int] | None:
@@ -33,11 +35,12 @@ def parse_rounds(payload: str) -> list[int] | None:
 
 class ChangeFeed:
     """Listens on the event loop and tells `pages` which rounds changed and `keys` which
-    keys were revoked: `run()` until cancelled, reconnecting after a lost connection.
+    keys were revoked or changed: `run()` until cancelled, reconnecting after a lost
+    connection.
 
     Every `idle_check` seconds it checks that its connection is alive, and so vouches for
-    `keys`: every revocation committed before the check was sent has been told. While it is
-    not listening, `pages` keeps nothing and `keys` trusts a key for `key_cache_seconds`.
+    `keys`: every change committed before the check was sent has been told. While it is not
+    listening, `pages` keeps nothing and `keys` trusts a key for `key_cache_seconds`.
     """
 
     def __init__(
@@ -50,8 +53,11 @@ class ChangeFeed:
         self.database_url = database_url
         self.pages = pages
         self.keys = keys
-        # Several checks within a key's trust, so it never lapses between two.
-        self.idle_check = idle_check or min(1.0, max(0.1, keys.ttl / 4))
+        if idle_check is None:
+            # Four checks within a key's time, so that a slow one rarely lets its trust
+            # lapse; with no time to vouch for, once a second for the pages' sake.
+            idle_check = min(1.0, keys.ttl / 4) if keys.ttl > 0 else 1.0
+        self.idle_check = idle_check
 
     async def run(self) -> None:
         while True:
@@ -61,24 +67,24 @@ class ChangeFeed:
                     await connection.execute(f"LISTEN {KEYS}")
                     self.pages.set_listening(True)
                     self.keys.set_listening(True)
-                    log.info("listening for changed rounds and revoked keys")
+                    log.info("listening for changed rounds and keys")
                     while True:
-                        await self._tell(connection, self.idle_check)
+                        await self._pass_on(connection, self.idle_check)
                         # A dead connection shows here, not in notifies(); a half-open one
                         # would leave the check waiting, hence the time limit.
                         sent = self.keys.clock()
-                        await asyncio.wait_for(connection.execute("SELECT 1"), CHECK_TIMEOUT)
+                        await asyncio.wait_for(connection.execute(CHECK), CHECK_TIMEOUT)
                         # What arrived before the answer, kept by psycopg for notifies().
-                        await self._tell(connection, 0)
+                        await self._pass_on(connection, 0)
                         self.keys.heard(sent)
             except Exception as error:  # whatever it was, pages must not outlive it
                 log.warning("not listening for changes (%r); pages are not kept", error)
             finally:
                 self.pages.set_listening(False)
                 self.keys.set_listening(False)
-            await asyncio.sleep(self.idle_check)
+            await asyncio.sleep(RECONNECT_PAUSE)
 
-    async def _tell(self, connection: psycopg.AsyncConnection[Any], seconds: float) -> None:
+    async def _pass_on(self, connection: psycopg.AsyncConnection[Any], seconds: float) -> None:
         """Pass on the notifications that arrive within `seconds` (0: those already here)."""
         async for note in connection.notifies(timeout=seconds):
             if note.channel == KEYS:

@@ -46,12 +46,12 @@ def is_postgres(url: str) -> bool:
 
 async def connect_async(url: str, name: str) -> psycopg.AsyncConnection[Any]:
     """A psycopg AsyncConnection to the PostgreSQL database of `url`, in autocommit mode,
-    without SQLAlchemy: for LISTEN, and the label writer. `name` is its application_name
-    (pg_stat_activity shows it)."""
+    without SQLAlchemy: for LISTEN, and the label writer. pg_stat_activity shows it as
+    `name` unless the URL sets an application_name."""
     # A libpq URL: psycopg's own, without SQLAlchemy's "+psycopg".
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     return await psycopg.AsyncConnection.connect(
-        conninfo, autocommit=True, connect_timeout=10, application_name=name
+        conninfo, autocommit=True, connect_timeout=10, fallback_application_name=name
     )
 
 

@@ -146,8 +146,8 @@ async def current_key(
     """The caller's API key; 401 without a valid one.
 
     A key `live_keys` trusts needs neither the database nor a trip through the thread
-    pool (on PostgreSQL, while the change feed listens, that is every key found live once);
-    any other is looked up on a worker thread.
+    pool (on PostgreSQL, while the change feed answers, a key found live stays trusted until
+    it is revoked); any other is looked up on a worker thread.
     """
     if credentials is None:
         raise NotAuthenticated("send an API key as 'Authorization: Bearer <key>'")

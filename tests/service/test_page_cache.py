@@ -1,6 +1,6 @@
-"""What PostgreSQL tells each API process (service/changes.py, migrations 0007 and 0008): the
-rounds whose GET /queries pages changed, the keys revoked. On a real database, with real
-notifications."""
+"""What PostgreSQL tells each API process (service/changes.py, migrations 0007 and 0010): the
+rounds whose GET /queries pages changed, the keys revoked or changed. On a real database,
+with real notifications."""
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import Engine, text, update
 from sqlmodel import Session
 
+from service import auth, changes
 from service.api.deps import get_blobs
 from service.app import create_app
-from service.auth import LiveKeys, create_key, live_keys, revoke_key
+from service.auth import LiveKeys, create_key, hash_key, live_keys, revoke_key
 from service.blobs import FileBlobStore
-from service import changes
 from service.changes import ChangeFeed
 from service.db import get_engine, migrate
 from service.models import Item, Query, Role
@@ -57,17 +57,20 @@ async def eventually(condition: Callable[[], bool], what: str, seconds: float = 
 
 @asynccontextmanager
 async def listening(
-    engine: Engine, pages: PageCache, keys: LiveKeys | None = None
+    engine: Engine,
+    pages: PageCache,
+    keys: LiveKeys | None = None,
+    idle_check: float | None = 0.2,  # None: the feed's own, from the keys' ttl
 ) -> AsyncIterator[None]:
-    changes = ChangeFeed(url(engine), pages, keys or LiveKeys(ttl=1), idle_check=0.2)
-    feed = asyncio.create_task(changes.run())
+    feed = ChangeFeed(url(engine), pages, keys or LiveKeys(ttl=1), idle_check=idle_check)
+    running = asyncio.create_task(feed.run())
     try:
         await eventually(lambda: pages.version() is not None, "listening")
         yield
     finally:
-        feed.cancel()
+        running.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await feed
+            await running
 
 
 def three_rounds(engine: Engine, blobs: FileBlobStore) -> tuple[list[int], list[int]]:
@@ -201,29 +204,91 @@ async def test_a_key_revoked_elsewhere_is_forgotten_at_once(engine: Engine) -> N
         await eventually(lambda: keys.remembered(key) is None, "the revoked key forgotten")
 
 
-async def test_a_key_is_looked_up_once_while_the_feed_listens_and_again_once_it_stops(
-    engine: Engine,
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key hashes looked up in the database."""
+    seen: list[str] = []
+    find_hashed = auth._find_hashed
+
+    def counted(session: Session, key_hash: str) -> auth.Caller | None:
+        seen.append(key_hash)
+        return find_hashed(session, key_hash)
+
+    monkeypatch.setattr(auth, "_find_hashed", counted)
+    return seen
+
+
+def annotator_key(engine: Engine) -> tuple[int, str]:
+    with Session(engine) as session:
+        row, key = create_key(session, name="alice", role=Role.annotator)
+        session.commit()
+        return row.id, key  # type: ignore[return-value]
+
+
+async def test_a_key_is_looked_up_once_while_the_feed_answers_and_again_once_it_is_cut_off(
+    engine: Engine, lookups: list[str]
 ) -> None:
     """Past its own `ttl`, a key is trusted as long as the feed answers its checks; a feed cut
     off vouches for nothing (a revocation it missed is refused within `ttl`)."""
-    keys = LiveKeys(ttl=2)
+    keys = LiveKeys(ttl=1)  # the feed checks every 0.25 s
     pages = PageCache()
-    with Session(engine) as session:
-        _, key = create_key(session, name="alice", role=Role.annotator)
-        session.commit()
-    changes = ChangeFeed(url(engine), pages, keys)  # checks every 0.5 s
-    feed = asyncio.create_task(changes.run())
-    try:
-        await eventually(lambda: pages.version() is not None, "listening")
+    _, key = annotator_key(engine)
+    async with listening(engine, pages, keys, idle_check=None):
         with Session(engine) as session:
             assert keys.find(session, key) is not None
-        await asyncio.sleep(3 * keys.ttl)
-        assert keys.remembered(key) is not None  # no look-up since
+            await asyncio.sleep(2.5 * keys.ttl)
+            assert keys.find(session, key) is not None
+            assert len(lookups) == 1
 
-        cut_off_the_feed(engine)
-        await eventually(lambda: pages.version() is None, "listening stopped")
-        assert keys.remembered(key) is None
-    finally:
-        feed.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await feed
+            cut_off_the_feed(engine)
+            await eventually(lambda: pages.version() is None, "listening stopped")
+            assert keys.remembered(key) is None
+            assert keys.find(session, key) is not None
+            assert len(lookups) == 2
+
+
+async def test_a_change_told_with_a_check_s_answer_is_passed_on_before_the_feed_vouches(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notification that arrives while the check runs is kept by psycopg for the next
+    notifies(): it must be passed on before the check vouches for the keys."""
+    keys = LiveKeys(ttl=600)
+    _, key = annotator_key(engine)
+    with Session(engine) as session:
+        keys.find(session, key)
+    # The check itself tells of a change to the key (a notification to its own connection).
+    monkeypatch.setattr(changes, "CHECK", f"SELECT pg_notify('ally_keys', '{hash_key(key)}')")
+    forgotten_when_heard: list[bool] = []
+    heard = keys.heard
+
+    def checking_heard(at: float) -> None:
+        forgotten_when_heard.append(keys.remembered(key) is None)
+        heard(at)
+
+    monkeypatch.setattr(keys, "heard", checking_heard)
+    async with listening(engine, PageCache(), keys):
+        await eventually(lambda: bool(forgotten_when_heard), "a check answered")
+    assert forgotten_when_heard[0]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "UPDATE api_keys SET role = 'admin' WHERE id = :key_id",
+        "DELETE FROM api_keys WHERE id = :key_id",
+        "INSERT INTO api_key_pools (key_id, pool_id) VALUES (:key_id, :pool_id)",
+    ],
+    ids=["role", "deleted", "pools"],
+)
+async def test_a_key_changed_by_hand_is_forgotten_at_once(engine: Engine, change: str) -> None:
+    """Not only revocations: a key trusted until it changes must hear of every change."""
+    keys = LiveKeys(ttl=600)
+    key_id, key = annotator_key(engine)
+    with Session(engine) as session:
+        pool_id = make_pool(session).id
+        session.commit()
+        keys.find(session, key)
+    async with listening(engine, PageCache(), keys):
+        with engine.begin() as connection:  # as an operator would, in psql
+            connection.execute(text(change), {"key_id": key_id, "pool_id": pool_id})
+        await eventually(lambda: keys.remembered(key) is None, "the changed key forgotten")

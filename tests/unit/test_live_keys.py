@@ -38,10 +38,6 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-def heard_now(keys: LiveKeys, clock: Clock) -> None:
-    keys.heard(clock.now)
-
-
 def test_without_a_feed_a_key_is_trusted_for_ttl_after_its_look_up(
     clock: Clock, lookups: list[str]
 ) -> None:
@@ -66,7 +62,7 @@ def test_a_feed_heard_within_ttl_vouches_for_a_key_past_its_ttl(
     keys.find(None, KEY)  # type: ignore[arg-type]
     for _ in range(10):
         clock.now += TTL * 0.5
-        heard_now(keys, clock)
+        keys.heard(clock.now)
         assert keys.remembered(KEY) == ALICE
     assert len(lookups) == 1
 
@@ -84,19 +80,19 @@ def test_a_feed_that_stopped_listening_vouches_for_nothing(
     keys.set_listening(True)
     keys.find(None, KEY)  # type: ignore[arg-type]
     clock.now += TTL * 2
-    heard_now(keys, clock)
+    keys.heard(clock.now)
     assert keys.remembered(KEY) == ALICE
 
     keys.set_listening(False)
     assert keys.remembered(KEY) is None
     # Listening again, it cannot tell what was revoked in between: the key is looked up.
     keys.set_listening(True)
-    heard_now(keys, clock)
+    keys.heard(clock.now)
     assert keys.remembered(KEY) is None
     keys.find(None, KEY)  # type: ignore[arg-type]
     assert len(lookups) == 2
     clock.now += TTL * 2
-    heard_now(keys, clock)
+    keys.heard(clock.now)
     assert keys.remembered(KEY) == ALICE
 
 
@@ -107,7 +103,7 @@ def test_a_key_found_before_the_feed_listened_is_trusted_only_for_ttl(
     keys.find(None, KEY)  # type: ignore[arg-type]
     keys.set_listening(True)
     clock.now += TTL * 2
-    heard_now(keys, clock)
+    keys.heard(clock.now)
     assert keys.remembered(KEY) is None
 
 
@@ -127,7 +123,7 @@ def test_a_key_forgotten_during_a_look_up_is_not_vouched_for(
     keys.find(None, KEY)  # type: ignore[arg-type]
     assert keys.remembered(KEY) == ALICE  # within ttl of the look-up, as without a feed
     clock.now += TTL * 1.1
-    heard_now(keys, clock)
+    keys.heard(clock.now)
     assert keys.remembered(KEY) is None
 
 
@@ -144,7 +140,57 @@ def test_a_forgotten_key_is_looked_up_again(clock: Clock, lookups: list[str]) ->
 def test_unknown_keys_are_not_remembered(clock: Clock, lookups: list[str]) -> None:
     keys = LiveKeys(TTL, clock)
     keys.set_listening(True)
-    heard_now(keys, clock)
+    keys.heard(clock.now)
     assert keys.find(None, "ally_mallory") is None  # type: ignore[arg-type]
     assert keys.find(None, "ally_mallory") is None  # type: ignore[arg-type]
+    assert len(lookups) == 2
+
+
+def test_the_trust_counts_from_before_the_look_up(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation may commit while the look-up runs: its ttl starts before it."""
+    keys = LiveKeys(TTL, clock)
+
+    def slow_look_up(session: object, key_hash: str) -> Caller:
+        clock.now += TTL * 0.6
+        return ALICE
+
+    monkeypatch.setattr(auth, "_find_hashed", slow_look_up)
+    keys.find(None, KEY)  # type: ignore[arg-type]
+    clock.now += TTL * 0.5
+    assert keys.remembered(KEY) is None
+
+
+@pytest.mark.parametrize("listening_after", [True, False])
+def test_a_key_found_while_the_feed_restarted_is_not_vouched_for(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, listening_after: bool
+) -> None:
+    """The feed stopped during the look-up (and perhaps listened again): a change told in
+    between was missed, so the answer gets only its own ttl."""
+    keys = LiveKeys(TTL, clock)
+    keys.set_listening(True)
+
+    def look_up_across_a_restart(session: object, key_hash: str) -> Caller:
+        keys.set_listening(False)
+        if listening_after:
+            keys.set_listening(True)
+        return ALICE
+
+    monkeypatch.setattr(auth, "_find_hashed", look_up_across_a_restart)
+    keys.find(None, KEY)  # type: ignore[arg-type]
+    clock.now += TTL * 1.1
+    keys.heard(clock.now)
+    assert keys.remembered(KEY) is None
+
+
+def test_with_no_time_to_trust_every_request_looks_its_key_up(
+    clock: Clock, lookups: list[str]
+) -> None:
+    keys = LiveKeys(0, clock)
+    keys.set_listening(True)
+    keys.find(None, KEY)  # type: ignore[arg-type]
+    keys.heard(clock.now)
+    assert keys.remembered(KEY) is None
+    keys.find(None, KEY)  # type: ignore[arg-type]
     assert len(lookups) == 2
