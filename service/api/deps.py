@@ -147,7 +147,7 @@ async def current_key(
 
     A key `live_keys` trusts needs neither the database nor a trip through the thread
     pool (on PostgreSQL, while the change feed answers, a key found live stays trusted until
-    it is revoked); any other is looked up on a worker thread.
+    it is revoked or changed); any other is looked up on a worker thread.
     """
     if credentials is None:
         raise NotAuthenticated("send an API key as 'Authorization: Bearer <key>'")
